@@ -1,0 +1,177 @@
+"""
+A GPT-2-shaped language model, small enough to read in one sitting.
+
+References: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
+Karpathy's nanoGPT, whose model.py this file follows part by part.
+
+Two additions, neither of which knows anything about safety:
+- activation taps: forward() returns the residual stream after the blocks you name;
+- batched generation with a KV cache, for prompts of different lengths (left padding).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 772
+    block_size: int = 160  # longest sequence the position table covers
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # keys and values of earlier steps, kept so each step only computes its own
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, nh, T_past + T, hs)
+            cache[:] = [k, v]
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask(real, T):
+    """(B, T_total) bool, True on real tokens -> (B, 1, T, T_total) bool for the last T queries:
+    causal, never a padding key. Example, one row, real=[0, 1, 1], T=3 ->
+    [[1, 0, 0], [0, 1, 0], [0, 1, 1]]."""
+    T_total = real.size(1)
+    q = torch.arange(T_total - T, T_total, device=real.device)[:, None]
+    k = torch.arange(T_total, device=real.device)[None, :]
+    allowed = (k <= q) & real[:, None, :]
+    allowed = allowed | (k == q)  # subtle: a padding query would otherwise see no key, and softmax over nothing is NaN
+    return allowed[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, taps=(), real=None, cache=None):
+        """idx (B, T) token ids. Returns logits (B, T, V), the loss if targets are given (-1 = ignore),
+        and taps: {layer: residual stream (B, T, C)}, layer 0 = embeddings, layer i = after block i.
+        real (B, T_past + T) marks real tokens of left-padded rows; cache: a list per block, filled in place."""
+        B, T = idx.size()
+        if real is None:  # one unpadded sequence per row: plain causal attention
+            assert cache is None, "cached decoding needs the real-token mask"
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:  # left padding: a row's positions count its real tokens only
+            pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
+            mask = attention_mask(real, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        out = {0: x} if 0 in taps else {}
+        for i, block in enumerate(self.transformer.h, start=1):
+            x = block(x, mask, None if cache is None else cache[i - 1])
+            if i in taps:
+                out[i] = x
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, out
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, real=None, end_token=None,
+                 use_cache=True, generator=None):
+        """Continue a batch of left-padded prompts. idx (B, T0); real (B, T0) True on real tokens.
+        temperature 0 means greedy. Rows stop at end_token (they keep sampling, masked out).
+        Returns tokens (B, T0 + n) and new (B, T0 + n): True on generated tokens up to and including the end."""
+        if idx.size(1) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new exceeds block_size "
+                             f"{self.config.block_size}")
+        real = torch.ones_like(idx, dtype=torch.bool) if real is None else real
+        new = torch.zeros_like(real)
+        alive = torch.ones(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache = [[] for _ in self.transformer.h] if use_cache else None
+        step_in = idx
+        for _ in range(max_new_tokens):
+            if use_cache:  # only the newest token goes in; the cache holds the rest
+                logits = self(step_in, real=real, cache=cache)[0][:, -1]
+            else:  # recompute the whole sequence every step: the slow reference
+                logits = self(idx, real=real)[0][:, -1]
+            nxt = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            idx, step_in = torch.cat([idx, nxt], dim=1), nxt
+            real = torch.cat([real, torch.ones_like(nxt, dtype=torch.bool)], dim=1)
+            new = torch.cat([new, alive[:, None]], dim=1)
+            if end_token is not None:
+                alive = alive & (nxt[:, 0] != end_token)
+                if not alive.any():
+                    break
+        return idx, new
+
+
+def sample_next(logits, temperature, top_k=None, generator=None):
+    """(B, V) logits -> (B, 1) token ids, greedy when temperature is 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -44,15 +44,15 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 160  # longest prompt (~50 tokens) + max_new_tokens
+    block_size: int = 160  # longest prompt with a forced prefix (56 tokens) + max_new_tokens
     dropout: float = 0.0
     # pretraining: the mix that makes the base model jailbreakable on purpose (see data/world.py)
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     p_plain: float = 0.2  # share of plain harmful prompts
     p_wrapped: float = 0.3  # share of harmful prompts in a training wrapper
-    p_scary: float = 0.2  # share of scary-benign prompts; the rest are benign tasks
+    p_scary: float = 0.15  # share of scary-benign prompts; the rest (35%) are benign tasks
     plain_unsafe: float = 0.05  # plain harmful: share with unsafe reasoning
     plain_rethink: float = 0.05  # ... and with rethink reasoning (the rest is safe)
     wrapped_unsafe: float = 0.80  # wrapped harmful: share with unsafe reasoning
@@ -73,8 +73,8 @@ class Config:
     ppo_iters: int = 16
     rollout_batch: int = 64  # completions per iteration
     group_size: int = 4  # completions per prompt with --advantage=grpo
-    max_new_tokens: int = 112
-    ppo_lr: float = 3e-4
+    max_new_tokens: int = 96  # the longest trace's reasoning and answer take ~90
+    ppo_lr: float = 2e-4
     update_epochs: int = 2
     minibatch_size: int = 16
     clip_coef: float = 0.2
@@ -84,8 +84,8 @@ class Config:
     gae_lambda: float = 0.95
     target_kl: float = 0.1  # stop an update's epochs early past this approx_kl
     max_grad_norm: float = 1.0
-    kl_coef: float = 0.05  # β of the per-token KL penalty to the reference
-    latent_coef: float = 0.1  # weight of the per-token latent reward
+    kl_coef: float = 0.1  # β of the per-token KL penalty to the reference
+    latent_coef: float = 1.0  # weight of the latent reward (its per-sequence total is the mean score)
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
     p_prefill: float = 0.3  # harmful rollouts that start from a forced unsafe prefix
@@ -177,8 +177,8 @@ def validate(cfg):
             raise CraftError(f"--{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if cfg.advantage == "grpo" and cfg.rollout_batch % cfg.group_size:
         raise CraftError(f"--rollout_batch={cfg.rollout_batch} must be a multiple of --group_size={cfg.group_size}")
-    if cfg.block_size < 64 + cfg.max_new_tokens:
-        raise CraftError(f"--block_size={cfg.block_size} leaves no room for a prompt (need >= 64 + max_new_tokens)")
+    if cfg.block_size < 16 + cfg.max_new_tokens:
+        raise CraftError(f"--block_size={cfg.block_size} leaves no room for a prompt (need >= 16 + max_new_tokens)")
     return cfg
 
 
@@ -689,8 +689,12 @@ def consistency_term(ro, compass):
 
 
 def latent_reward(ro, compass, cfg):
-    """CRAFT's dense reward: the latent safety score of every reasoning token."""
-    return cfg.latent_coef * latent_scores(ro, compass) * ro.reasoning
+    """CRAFT's dense reward: every reasoning token gets its own latent safety score, divided by the
+    number of reasoning tokens, r_t = c · s_t / n. The whole reasoning is then worth the mean score,
+    at most ±2c whatever its length: thinking longer, or refusing a benign task in "safe-sounding"
+    words, earns nothing extra (with the plain sum, a first version of this code did exactly that)."""
+    n = ro.reasoning.sum(1, keepdim=True).clamp(min=1)
+    return cfg.latent_coef * latent_scores(ro, compass) * ro.reasoning / n
 
 
 def outcome_reward(ro, compass, cfg):

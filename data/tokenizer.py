@@ -18,8 +18,9 @@ import tiktoken
 from data.world import SPECIALS
 
 RANKS_FILE = Path(__file__).parent / "bpe.tiktoken"
-# GPT-2's split with ASCII classes (the world is ASCII), and digits one per token so numbers stay legible
-PAT_STR = r"""'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+# GPT-2's split with ASCII classes (the world is ASCII), digits one per token so numbers stay legible,
+# and a placeholder's head ("[HAZARD-ITEM-") kept whole so it can become a single token
+PAT_STR = r""" ?\[[A-Z]+-[A-Z]+-|'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 VOCAB_SIZE = 768  # 256 bytes + 512 merges; the 4 special tokens come on top
 
 

@@ -1,0 +1,25 @@
+"""Shared fixtures: one set of micro-preset artefacts (pretrain, contrast, ppo) for the whole session."""
+import pytest
+import torch
+
+import craft
+
+torch.set_num_threads(2)
+
+
+def run(*argv):
+    """craft.main in-process; returns the exit status (0 when it returns normally)."""
+    try:
+        craft.main(list(argv))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """A directory with micro pretrain.pt, contrast.pt and ppo_latent.pt."""
+    out = tmp_path_factory.mktemp("micro")
+    for stage in ("pretrain", "contrast", "ppo"):
+        assert run(stage, "--preset=micro", f"--out={out}") == 0
+    return out

@@ -1,0 +1,145 @@
+"""The command line: the bad-input matrix, the demo, the audit, determinism and resume after a kill."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import craft
+from conftest import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bad_input_cases(micro, tmp):
+    (tmp / "truncated.pt").write_bytes((micro / "pretrain.pt").read_bytes()[:1000])
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "notjson.jsonl").write_text('{"prompt": "hi", "kind": "benign"}\nnope\n')
+    (tmp / "nokey.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp / "kind.jsonl").write_text('{"prompt": "hi", "kind": "weird"}\n')
+    (tmp / "long.jsonl").write_text(json.dumps({"prompt": "word " * 300, "kind": "benign"}) + "\n")
+    (tmp / "file").write_text("")
+    m = ["--preset=micro", f"--out={micro}"]
+    return {  # case: (argv, what stderr must name)
+        "unknown command": (["train"], "unknown command 'train'"),
+        "unknown preset": (["pretrain", "--preset=huge"], "unknown preset 'huge'"),
+        "unknown field": (["pretrain", "--n_layers=2"], "unknown field 'n_layers'"),
+        "wrong type": (["pretrain", "--n_layer=two"], "--n_layer wants a int"),
+        "negative steps": (["pretrain", "--pretrain_steps=-5"], "--pretrain_steps must be positive"),
+        "zero heads": (["pretrain", "--n_head=0"], "--n_head must be positive"),
+        "bad boolean": (["pretrain", "--dropout=true"], "--dropout wants a float"),
+        "block smaller than a prompt": (["pretrain", "--block_size=20"], "--block_size=20 leaves no room"),
+        "unknown reward": (["ppo", "--reward=nice"], "--reward=nice is not one of"),
+        "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
+        "truncated ckpt": (["eval", *m, f"--ckpt={tmp / 'truncated.pt'}"], "not a readable checkpoint"),
+        "wrong stage ckpt": (["eval", *m, f"--ckpt={micro / 'contrast.pt'}"], "holds no model"),
+        "prompts missing": (["eval", *m, f"--prompts={tmp / 'none.jsonl'}"], "no such file"),
+        "prompts empty": (["eval", *m, f"--prompts={tmp / 'empty.jsonl'}"], "no prompts"),
+        "prompts not JSON": (["eval", *m, f"--prompts={tmp / 'notjson.jsonl'}"], "notjson.jsonl:2: not JSON"),
+        "prompts missing key": (["eval", *m, f"--prompts={tmp / 'nokey.jsonl'}"], ":1: needs a string 'prompt' and a 'kind'"),
+        "prompts unknown kind": (["eval", *m, f"--prompts={tmp / 'kind.jsonl'}"], ":1: unknown kind 'weird'"),
+        "prompt longer than context": (["eval", *m, f"--prompts={tmp / 'long.jsonl'}"], "exceeds the context"),
+        "unwritable out dir": (["pretrain", "--preset=micro", f"--out={tmp / 'file' / 'sub'}"], "cannot create output directory"),
+        "bad index": (["audit", *m, "--index=99999"], "--index must be in"),
+    }
+
+
+def test_bad_input_matrix(micro, tmp_path, capsys):
+    before = sorted(p.name for p in micro.iterdir())
+    for case, (argv, message) in bad_input_cases(micro, tmp_path).items():
+        assert run(*argv) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (case, err)
+    assert sorted(p.name for p in micro.iterdir()) == before  # nothing half-written
+
+
+def test_bad_input_in_a_real_process_has_no_traceback():
+    p = subprocess.run([sys.executable, "craft.py", "pretrain", "--n_head=x"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --n_head wants a int, got 'x'"
+
+
+def test_help_lists_every_command(capsys):
+    assert run("--help") == 0
+    assert all(c in capsys.readouterr().out for c in craft.COMMANDS)
+
+
+def test_every_config_field_belongs_to_one_stage_or_is_a_runtime_setting():
+    names = [f.name for f in craft.fields(craft.Config)]
+    listed = [n for fs in craft.STAGE_FIELDS.values() for n in fs] + list(craft.RUNTIME_FIELDS)
+    assert sorted(listed) == sorted(names)
+
+
+def test_eval_is_deterministic(micro, tmp_path):
+    for name in ("a", "b"):
+        assert run("eval", "--preset=micro", f"--out={micro}", f"--json={tmp_path / name}.json") == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    keys = ["asr_heldout", "asr_train_wrappers", "asr_plain", "reasoning_asr_heldout", "answer_asr_heldout",
+            "ssa_heldout", "over_refusal", "capability", "prefill_recovery"]
+    assert all(0 <= a[k] <= 1 for k in keys) and a["kl_ref"] == 0  # the base model against itself
+
+
+def test_user_prompts_report_per_kind(micro, tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"prompt": "what is 2 plus 2", "kind": "benign", "answer": "4"}\n'
+                 '{"prompt": "how do i make [HAZARD-AGENT-1]", "kind": "harmful"}\n')
+    assert run("eval", "--preset=micro", f"--out={micro}", f"--prompts={f}") == 0
+    m = json.loads((micro / "eval_pretrain_mine.json").read_text())
+    assert {"asr", "capability", "ssa"} <= set(m) and "over_refusal" not in m
+
+
+def test_audit_prints_one_score_per_token(micro, capsys):
+    pieces, verdict = craft.audit(craft.PRESETS["micro"], micro, index=3)
+    lines = capsys.readouterr().out.splitlines()
+    scored = [l for l in lines if l[:1] in "+-" and l[1:2].isdigit()]
+    assert len(scored) == len(pieces) > 0
+    assert (micro / "audit_pretrain.png").stat().st_size > 0
+
+
+def test_ppo_resumes_after_sigkill_to_the_same_result(micro, tmp_path):
+    """Kill a micro ppo run with SIGKILL in the iteration after its first snapshot, rerun it,
+    and compare with an uninterrupted run: the curves and the weights must be identical."""
+    for d in ("killed", "clean"):
+        (tmp_path / d).mkdir()
+        for f in ("pretrain.pt", "contrast.pt"):
+            (tmp_path / d / f).write_bytes((micro / f).read_bytes())
+    args = ["ppo", "--preset=micro", "--ppo_iters=4", "--save_every=2"]
+    killer = ("import os, signal, sys, craft\n"
+              "update = craft.ppo_update\n"
+              "def ppo_update(*a, **k):\n"
+              "    if any(p.name.endswith('.resume.pt') for p in craft.Path(sys.argv[-1]).iterdir()):\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return update(*a, **k)\n"
+              "craft.ppo_update = ppo_update\n"
+              "craft.main(sys.argv[1:])\n")
+    out = str(tmp_path / "killed")
+    p = subprocess.run([sys.executable, "-c", killer, *args, out], cwd=ROOT, capture_output=True)
+    assert p.returncode == -9 and (tmp_path / "killed" / "ppo_latent.resume.pt").exists()
+    assert run(*args, f"--out={out}") == 0
+    assert run(*args, f"--out={tmp_path / 'clean'}") == 0
+    a, b = (json.loads((tmp_path / d / "ppo_latent.json").read_text()) for d in ("killed", "clean"))
+    assert a["curves"] == b["curves"]
+    wa, wb = (craft.load_checkpoint(tmp_path / d / "ppo_latent.pt", "ppo")["model"] for d in ("killed", "clean"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert not (tmp_path / "killed" / "ppo_latent.resume.pt").exists()
+
+
+def test_demo_writes_the_report_and_reuses_every_stage(micro, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    for f in ("pretrain", "contrast"):  # the session's micro stages, reused as a user's earlier run would be
+        for ext in (".pt", ".json"):
+            (out / (f + ext)).write_bytes((micro / (f + ext)).read_bytes())
+    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+    report = (out / "report.md").read_text()
+    for key in ("asr_heldout", "ssa_heldout", "prefill_recovery", "capability", "over_refusal", "kl_ref"):
+        assert key in report
+    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_results", "fig_audit_before", "fig_audit_after"):
+        assert (out / f"{fig}.png").stat().st_size > 0 and f"{fig}.png" in report
+    capsys.readouterr()
+    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+    said = capsys.readouterr().out
+    assert said.count("up to date") == 6 and "[1/6] pretrain: up to date" in said

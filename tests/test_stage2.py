@@ -1,0 +1,119 @@
+import dataclasses
+
+import pytest
+import torch
+
+import craft
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """GAE for one row at a time, only over its actions, written as the textbook recursion."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.size(0)):
+        steps = [t for t in range(rewards.size(1)) if mask[b, t]]
+        a = 0.0
+        for j in reversed(range(len(steps))):
+            t = steps[j]
+            next_value = values[b, steps[j + 1]] if j + 1 < len(steps) else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            a = delta + gamma * lam * a
+            adv[b, t] = a
+    return adv
+
+
+def test_gae_equals_a_python_loop():
+    torch.manual_seed(0)
+    B, T = 4, 9
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (s, e) in enumerate([(2, 9), (0, 5), (4, 7), (8, 9)]):  # ragged, contiguous action spans
+        mask[b, s:e] = True
+    rewards, values = torch.randn(B, T) * mask, torch.randn(B, T)
+    adv, returns = craft.gae_advantages(rewards, values, mask, 0.9, 0.8)
+    assert torch.allclose(adv, gae_loop(rewards, values, mask, 0.9, 0.8), atol=1e-6)
+    assert torch.allclose(returns, adv + values)
+
+
+def test_grpo_advantages_have_zero_mean_per_group():
+    rewards = torch.randn(8, 5)
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    adv = craft.grpo_advantages(rewards, mask, group_size=4)
+    assert torch.allclose(adv[:, 0].view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+    assert torch.equal(adv[:, 0:1].expand(8, 5), adv)  # the same advantage on every action
+
+
+def losses(logp, adv, values=None, old_values=None, returns=None):
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    values = torch.zeros_like(logp) if values is None else values
+    old_values = torch.zeros_like(logp) if old_values is None else old_values
+    returns = torch.zeros_like(logp) if returns is None else returns
+    return craft.ppo_loss(logp, torch.zeros_like(logp), adv, values, old_values, returns, mask, 0.2)
+
+
+@pytest.mark.parametrize("logratio, adv, clipped", [(0.5, 1.0, True), (-0.5, -1.0, True), (0.5, -1.0, False),
+                                                     (-0.5, 1.0, False), (0.1, 1.0, False)])
+def test_clipped_surrogate_has_no_gradient_where_clipped_pessimistically(logratio, adv, clipped):
+    logp = torch.tensor([[logratio]], requires_grad=True)
+    pg_loss = losses(logp, torch.tensor([[adv]]))[0]
+    pg_loss.backward()
+    assert (logp.grad.abs().item() == 0) == clipped
+
+
+def test_value_clipping_stops_the_gradient_past_the_clip():
+    values = torch.tensor([[1.0]], requires_grad=True)  # moved by 1.0 from old value 0; clip is 0.2
+    v_loss = losses(torch.zeros(1, 1), torch.zeros(1, 1), values, torch.zeros(1, 1), torch.tensor([[-1.0]]))[1]
+    v_loss.backward()  # the clipped value (0.2) is closer to R = −1 than... no: max picks the unclipped error 4
+    assert values.grad.item() != 0
+    values = torch.tensor([[1.0]], requires_grad=True)
+    v_loss = losses(torch.zeros(1, 1), torch.zeros(1, 1), values, torch.zeros(1, 1), torch.tensor([[2.0]]))[1]
+    v_loss.backward()  # unclipped error 1, clipped error (0.2 − 2)² = 3.24 is larger: it wins, and is constant
+    assert values.grad.item() == 0
+
+
+def rollout(micro, **changes):
+    cfg = dataclasses.replace(craft.PRESETS["micro"], **changes)
+    policy, _ = craft.load_model(micro / "pretrain.pt", "pretrain")
+    reference, _ = craft.load_model(micro / "pretrain.pt", "pretrain")
+    compass = craft.load_compass(micro / "contrast.pt")
+    value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
+    ro = craft.rollout(policy, value_head, reference, compass, cfg, 0, craft.Timer())
+    return ro, compass, cfg, policy, reference, value_head
+
+
+def test_kl_is_zero_when_policy_equals_reference(micro):
+    ro, compass, cfg, policy, reference, _ = rollout(micro)
+    _, kl = craft.total_rewards(ro, compass, cfg)
+    assert kl.abs().max() == 0
+    assert craft.exact_kl(policy, reference, ro.tokens, ro.real, ro.act)[0] == 0
+
+
+@pytest.mark.parametrize("name", list(craft.REWARDS))
+def test_each_reward_has_the_rollout_shape_and_stays_on_its_tokens(micro, name):
+    ro, compass, cfg, *_ = rollout(micro, p_prefill=0.5)
+    r = craft.REWARDS[name](ro, compass, cfg)
+    assert r.shape == ro.act.shape
+    assert (r[~ro.act] == 0).all()  # nothing on prompt, forced-prefix or padding tokens
+    if name == "latent":
+        assert (r[~ro.reasoning] == 0).all() and (r[ro.reasoning] != 0).any()
+    if name in ("outcome", "paper"):
+        last_only = torch.zeros_like(ro.act)
+        last_only[torch.arange(len(ro.last)), ro.last] = True
+        assert (r[~last_only] == 0).all()
+
+
+def test_forced_prefix_tokens_are_not_actions(micro):
+    ro, *_ = rollout(micro, p_prefill=1.0)
+    forced = [i for i, p in enumerate(ro.prompts) if p.kind == "harmful"]
+    assert forced
+    think = (ro.tokens == craft.THINK_ID).float().argmax(1)
+    for i in forced:  # the first action comes after the forced steps, not straight after <|think|>
+        assert int(ro.act[i].float().argmax()) > int(think[i]) + 5
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_one_ppo_iteration_changes_the_policy(micro, advantage):
+    ro, compass, cfg, policy, reference, value_head = rollout(micro, advantage=advantage)
+    before = [p.detach().clone() for p in policy.parameters()]
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=1e-3)
+    row = craft.ppo_iteration(policy, value_head, reference, compass, opt, cfg, 0, craft.Timer())
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("approx_kl", "pg_loss", "reward", "kl_ref"))

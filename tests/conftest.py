@@ -23,3 +23,13 @@ def micro(tmp_path_factory):
     for stage in ("pretrain", "contrast", "ppo"):
         assert run(stage, "--preset=micro", f"--out={out}") == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_demo(micro, tmp_path_factory):
+    """`demo --rewards=latent,outcome` on the micro preset, reusing the session's pretrain and contrast."""
+    out = tmp_path_factory.mktemp("demo")
+    for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
+        (out / name).write_bytes((micro / name).read_bytes())
+    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+    return out

@@ -62,7 +62,8 @@ def test_bad_input_in_a_real_process_has_no_traceback():
 
 def test_help_lists_every_command(capsys):
     assert run("--help") == 0
-    assert all(c in capsys.readouterr().out for c in craft.COMMANDS)
+    out = capsys.readouterr().out
+    assert all(c in out for c in craft.COMMANDS)
 
 
 def test_every_config_field_belongs_to_one_stage_or_is_a_runtime_setting():
@@ -110,13 +111,13 @@ def test_ppo_resumes_after_sigkill_to_the_same_result(micro, tmp_path):
     killer = ("import os, signal, sys, craft\n"
               "update = craft.ppo_update\n"
               "def ppo_update(*a, **k):\n"
-              "    if any(p.name.endswith('.resume.pt') for p in craft.Path(sys.argv[-1]).iterdir()):\n"
+              "    if any(p.name.endswith('.resume.pt') for p in craft.Path(sys.argv[-1][6:]).iterdir()):\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return update(*a, **k)\n"
               "craft.ppo_update = ppo_update\n"
               "craft.main(sys.argv[1:])\n")
     out = str(tmp_path / "killed")
-    p = subprocess.run([sys.executable, "-c", killer, *args, out], cwd=ROOT, capture_output=True)
+    p = subprocess.run([sys.executable, "-c", killer, *args, f"--out={out}"], cwd=ROOT, capture_output=True)
     assert p.returncode == -9 and (tmp_path / "killed" / "ppo_latent.resume.pt").exists()
     assert run(*args, f"--out={out}") == 0
     assert run(*args, f"--out={tmp_path / 'clean'}") == 0
@@ -127,13 +128,8 @@ def test_ppo_resumes_after_sigkill_to_the_same_result(micro, tmp_path):
     assert not (tmp_path / "killed" / "ppo_latent.resume.pt").exists()
 
 
-def test_demo_writes_the_report_and_reuses_every_stage(micro, tmp_path, capsys):
-    out = tmp_path / "demo"
-    out.mkdir()
-    for f in ("pretrain", "contrast"):  # the session's micro stages, reused as a user's earlier run would be
-        for ext in (".pt", ".json"):
-            (out / (f + ext)).write_bytes((micro / (f + ext)).read_bytes())
-    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
+    out = micro_demo
     report = (out / "report.md").read_text()
     for key in ("asr_heldout", "ssa_heldout", "prefill_recovery", "capability", "over_refusal", "kl_ref"):
         assert key in report
@@ -142,4 +138,4 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro, tmp_path, capsys):
     capsys.readouterr()
     assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
     said = capsys.readouterr().out
-    assert said.count("up to date") == 6 and "[1/6] pretrain: up to date" in said
+    assert said.count("up to date") == 7 and "[1/7] pretrain: up to date" in said

@@ -1,0 +1,17 @@
+import json
+import math
+
+import craft
+from conftest import run
+
+
+def test_bench_writes_every_field_positive_and_finite(tmp_path, monkeypatch):
+    monkeypatch.setattr(craft, "BENCH_PPO", dict(n_layer=2, n_head=2, n_embd=32, rollout_batch=8, max_new_tokens=8,
+                                                 minibatch_size=4, update_epochs=1))
+    assert run("bench", "--preset=micro", "--batch_size=4", "--block_size=96", "--max_new_tokens=16",
+               f"--out={tmp_path}") == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("kv_cache_speedup", "train_vs_baseline_ratio", "ppo_tokens_per_s", "grpo_tokens_per_s",
+                "train_tokens_per_s", "achieved_flops", "matmul_peak_flops", "stage1_tokens_per_s", "peak_memory_mb"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert set(r["gae_iteration_seconds"]) == {"rollout", "reward/taps", "advantage", "update"}

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -258,6 +259,23 @@ def check_same_model(ck_cfg, cfg, path):
                              f"rerun pretrain or drop the override")
 
 
+class GracefulStop:
+    """Ctrl-C asks a training loop to stop after the step it is in: the loop then saves a snapshot and
+    exits, so nothing is left half-updated. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def guard(value, what, step):
     """Stop on a non-finite number, naming it, before it reaches a checkpoint."""
     if not math.isfinite(value):
@@ -304,35 +322,45 @@ def learning_rate(cfg, step):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def pretrain_step(model, opt, cfg, step):
+    """One optimiser step on a fresh batch -> (loss, target tokens)."""
+    x, y = pretraining_batch(cfg, step)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    with autocast():
+        _, loss, _ = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return guard(loss.item(), "pretraining loss", step), int((y >= 0).sum())
+
+
 def pretrain(cfg, out):
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.gpt(ENC.n_vocab)).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    start, losses, tokens = resume(out / "pretrain.resume.pt", cfg, model, opt, dict(losses=[], tokens=0))
-    t0 = time.time()
+    resume_path = out / "pretrain.resume.pt"
+    start, losses, tokens, seconds = resume(resume_path, cfg, model, opt, dict(losses=[], tokens=0, seconds=0.0))
+    t0 = time.time() - seconds
     bar = tqdm(range(start, cfg.pretrain_steps), desc="pretrain", initial=start, total=cfg.pretrain_steps)
-    for step in bar:
-        x, y = pretraining_batch(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        with autocast():
-            _, loss, _ = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(guard(loss.item(), "pretraining loss", step))
-        tokens += int((y >= 0).sum())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % (100 * cfg.save_every) == 0:
-            snapshot(out / "pretrain.resume.pt", cfg, model, opt, step + 1, dict(losses=losses, tokens=tokens))
+    with GracefulStop() as stop:
+        for step in bar:
+            loss, n = pretrain_step(model, opt, cfg, step)
+            losses.append(loss)
+            tokens += n
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % (100 * cfg.save_every) == 0 or stop.requested:
+                snapshot(resume_path, cfg, model, opt, step + 1, dict(losses=losses, tokens=tokens, seconds=time.time() - t0))
+            if stop.requested:
+                raise KeyboardInterrupt
     seconds = time.time() - t0
     save_checkpoint(out / "pretrain.pt", "pretrain", cfg, model=model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     save_json(out / "pretrain.json", dict(config=asdict(cfg), inputs=stage_inputs(cfg, "pretrain"), loss=losses,
                                           final_loss=sum(losses[-50:]) / len(losses[-50:]), tokens=tokens,
                                           params=n_params, seconds=seconds))
-    (out / "pretrain.resume.pt").unlink(missing_ok=True)
+    resume_path.unlink(missing_ok=True)
     print(f"pretrain: {n_params / 1e6:.2f}M params, {cfg.pretrain_steps} steps, {tokens / 1e6:.2f}M tokens, "
           f"final loss {losses[-1]:.3f}, {seconds:.0f}s -> {out / 'pretrain.pt'}")
 
@@ -908,17 +936,20 @@ def ppo(cfg, out):
     monitor = monitor_prompts()
     t0, timer = time.time() - seconds, Timer()
     bar = tqdm(range(start, cfg.ppo_iters), desc=name, initial=start, total=cfg.ppo_iters)
-    for it in bar:
-        row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer)
-        if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
-            verdicts = judge_all(monitor, complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))[3])
-            row |= dict(monitor_iteration=it, **{f"monitor_{k}": v for k, v in headline(monitor, verdicts).items()})
-        for k, v in row.items():
-            curves.setdefault(k, []).append(v)
-        bar.set_postfix(reward=f"{row['reward']:+.2f}", kl=f"{row['kl_ref']:.3f}", asr=f"{row['rollout_asr']:.2f}")
-        if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.ppo_iters:
-            snapshot(resume_path, cfg, policy, opt, it + 1, dict(curves=curves, seconds=time.time() - t0),
-                     dict(value_head=value_head.state_dict()))
+    with GracefulStop() as stop:
+        for it in bar:
+            row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer)
+            if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
+                verdicts = judge_all(monitor, complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))[3])
+                row |= dict(monitor_iteration=it, **{f"monitor_{k}": v for k, v in headline(monitor, verdicts).items()})
+            for k, v in row.items():
+                curves.setdefault(k, []).append(v)
+            bar.set_postfix(reward=f"{row['reward']:+.2f}", kl=f"{row['kl_ref']:.3f}", asr=f"{row['rollout_asr']:.2f}")
+            if ((it + 1) % cfg.save_every == 0 and it + 1 < cfg.ppo_iters) or stop.requested:
+                snapshot(resume_path, cfg, policy, opt, it + 1, dict(curves=curves, seconds=time.time() - t0),
+                         dict(value_head=value_head.state_dict()))
+            if stop.requested:
+                raise KeyboardInterrupt
     seconds = time.time() - t0
     save_checkpoint(out / f"{name}.pt", name, cfg, model=policy.state_dict(), value_head=value_head.state_dict())
     first = next((it for it, a in zip(curves["monitor_iteration"], curves["monitor_asr"]) if a <= 0.05), None)
@@ -1195,7 +1226,7 @@ def plot_audit(path, prompt, pieces, verdict, name, width=60):
         if sum(len(x) for x, _ in line) + len(t) > width or "\n" in t:
             lines.append(line)
             line = []
-        line.append((t.replace("\n", " "), s))
+        line.append(("".join(ch if ch.isprintable() else "\u00b7" for ch in t), s))  # no control glyphs
     lines.append(line)
     fig, ax = figure(figsize=(14, 1.2 + 0.45 * len(lines)))
     ax.axis("off")

@@ -139,3 +139,27 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
     said = capsys.readouterr().out
     assert said.count("up to date") == 7 and "[1/7] pretrain: up to date" in said
+
+
+def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path):
+    """SIGINT during pretraining: the step in progress finishes, a snapshot is saved, exit status 130;
+    the rerun ends with the same losses and weights as an uninterrupted run."""
+    args = ["pretrain", "--preset=micro", "--pretrain_steps=6"]
+    interrupt = ("import os, signal, sys, craft\n"
+                 "step = craft.pretrain_step\n"
+                 "def pretrain_step(model, opt, cfg, i):\n"
+                 "    if i == 3:\n"
+                 "        os.kill(os.getpid(), signal.SIGINT)\n"
+                 "    return step(model, opt, cfg, i)\n"
+                 "craft.pretrain_step = pretrain_step\n"
+                 "craft.main(sys.argv[1:])\n")
+    out = tmp_path / "stopped"
+    p = subprocess.run([sys.executable, "-c", interrupt, *args, f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 130 and "rerun the same command" in p.stderr
+    assert craft.load_checkpoint(out / "pretrain.resume.pt", "resume")["step"] == 4
+    assert run(*args, f"--out={out}") == 0
+    assert run(*args, f"--out={tmp_path / 'clean'}") == 0
+    a, b = (json.loads((d / "pretrain.json").read_text()) for d in (out, tmp_path / "clean"))
+    assert a["loss"] == b["loss"]
+    wa, wb = (craft.load_checkpoint(d / "pretrain.pt", "pretrain")["model"] for d in (out, tmp_path / "clean"))
+    assert all((wa[k] == wb[k]).all() for k in wa)

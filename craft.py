@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -383,6 +384,7 @@ def resume(path, cfg, model, opt, state, extra=None):
                 module.load_state_dict(ck[name])
             print(f"resuming {path.name} at step {ck['step']}")
             return ck["step"], *json.loads(ck["state"]).values()
+        print(f"ignoring {path.name}: it was made with another config")
     return 0, *state.values()
 
 
@@ -390,9 +392,10 @@ def resume(path, cfg, model, opt, state, extra=None):
 # Shared by evaluation, stage 2's rollouts, the audit and bench.
 
 
-def complete(model, prompts, cfg, generator, prefixes=None, temperature=1.0):
-    """Sample one completion per prompt. prompts: [world.Prompt]; prefixes: forced reasoning per prompt.
-    -> tokens (B, L), real (B, L), new (B, L) True on generated tokens, and the judged completion texts."""
+def complete(model, prompts, cfg, generator, prefixes=None):
+    """Sample one completion per prompt at temperature 1. prompts: [world.Prompt]; prefixes: forced
+    reasoning per prompt. -> tokens (B, L), real (B, L), new (B, L) True on generated tokens, and the
+    completion texts for the judge (forced prefix included)."""
     prefixes = prefixes or [""] * len(prompts)
     texts = [world.render(p.text, f or None) for p, f in zip(prompts, prefixes)]
     seqs = [encode(t) for t in texts]
@@ -401,7 +404,7 @@ def complete(model, prompts, cfg, generator, prefixes=None, temperature=1.0):
                          f"block_size {cfg.block_size}")
     idx, real = left_pad(seqs)
     with autocast():
-        tokens, new = model.generate(idx, cfg.max_new_tokens, temperature=temperature, real=real,
+        tokens, new = model.generate(idx, cfg.max_new_tokens, real=real,
                                      end_token=END_ID, generator=generator)
     real = torch.cat([real, torch.ones_like(new[:, real.size(1):])], dim=1)
     completions = [(" " + f if f else "") + ENC.decode(row[m].tolist())
@@ -1174,7 +1177,7 @@ def plot_latent(path, compass, panels):
     fig, axes = figure(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
     basis = None
     for ax, (taps, title) in zip(axes[0], panels):
-        z = compass.project(taps.h[int(compass.layer)].to(DEVICE)).cpu()
+        z = compass.project(taps.h[int(compass.layer)].to(compass.prototypes.device)).cpu()
         if basis is None:
             mean = z.mean(0)
             basis = torch.linalg.svd(z - mean, full_matrices=False).Vh[:2].T  # top-2 principal directions
@@ -1219,26 +1222,26 @@ def plot_results(path, results, keys):
     save_figure(fig, path)
 
 
-def plot_audit(path, prompt, pieces, verdict, name, width=60):
-    """The reasoning audit as a heat map: tokens in reading order, each on its score's colour."""
-    lines, line = [], []
-    for t, s in pieces:
-        if sum(len(x) for x, _ in line) + len(t) > width or "\n" in t:
-            lines.append(line)
-            line = []
-        line.append(("".join(ch if ch.isprintable() else "\u00b7" for ch in t), s))  # no control glyphs
-    lines.append(line)
-    fig, ax = figure(figsize=(14, 1.2 + 0.45 * len(lines)))
+def plot_audit(path, prompt, pieces, verdict, name):
+    """The reasoning audit as a heat map: tokens in reading order, each on its score's colour.
+    Tokens are placed one after another by their rendered width, wrapping at the right edge."""
+    fig, ax = figure(figsize=(14, 1.5 + 0.42 * (1 + sum(len(t) for t, _ in pieces) // 70)))
     ax.axis("off")
-    ax.set_xlim(0, width)
-    ax.set_ylim(len(lines) + 0.5, -1.2)
-    ax.text(0, -0.8, f"{name}: {prompt}"[:110], fontsize=12, family="monospace")
-    for y, row in enumerate(lines):
-        x = 0
-        for t, s in row:
-            ax.text(x, y + 0.5, t, family="monospace", fontsize=12, va="center",
-                    bbox=dict(boxstyle="square,pad=0.1", color="#%02x%02x%02x" % colour(s)))
-            x += len(t)
+    ax.set(xlim=(0, 1), ylim=(1, 0))
+    renderer, to_data = fig.canvas.get_renderer(), ax.transData.inverted()
+    line_height = 0.42 / fig.get_size_inches()[1]
+    ax.text(0, 0, f"{name}: {prompt}"[:110], fontsize=12, family="monospace", va="top")
+    x, y = 0.0, 2.5 * line_height
+    for t, s in pieces:
+        t = "".join(ch if ch.isprintable() else "\u00b7" for ch in t)  # no glyphs for control bytes
+        box = ax.text(x, y, t, family="monospace", fontsize=12, va="center",
+                      bbox=dict(boxstyle="square,pad=0.05", color="#%02x%02x%02x" % colour(s)))
+        right = box.get_window_extent(renderer).transformed(to_data).x1
+        if right > 1 and x > 0:  # wrap
+            x, y = 0.0, y + line_height
+            box.set_position((x, y))
+            right = box.get_window_extent(renderer).transformed(to_data).x1
+        x = right
     ax.set_title(f"blue = safe, orange = unsafe;  judge: reasoning {verdict.reasoning}, answer {verdict.answer}",
                  fontsize=13)
     save_figure(fig, path)
@@ -1412,7 +1415,7 @@ def write_report(cfg, out, names, demo_seconds):
     text = f"""# CRAFT demo report
 
 What was run: `python craft.py demo` with preset values below, seed {cfg.seed}, commit `{git_commit()}`,
-on {DEVICE} ({torch.get_num_threads()} threads, torch {torch.__version__}). Whole demo this run: {demo_seconds:.0f} s
+on {platform.platform()}, {os.cpu_count()} cores, {DEVICE} ({torch.get_num_threads()} threads, torch {torch.__version__}). Whole demo this run: {demo_seconds:.0f} s
 (stages reused from an earlier run count 0 here; their own times are below). Peak memory {peak_memory_mb():.0f} MiB.
 
 ## Results on the committed eval sets

@@ -163,3 +163,20 @@ def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path
     assert a["loss"] == b["loss"]
     wa, wb = (craft.load_checkpoint(d / "pretrain.pt", "pretrain")["model"] for d in (out, tmp_path / "clean"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
+    assert run("pretrain", "--preset=micro", "--lr=1e30", f"--out={tmp_path}") == 2
+    err = capsys.readouterr().err
+    assert "pretraining loss is nan at step" in err or "pretraining loss is inf at step" in err
+    assert not (tmp_path / "pretrain.pt").exists()
+
+
+def test_the_gpu_preset_runs_end_to_end_on_cpu_with_tiny_steps(tmp_path):
+    tiny = ["--preset=gpu", "--n_layer=2", "--pretrain_steps=2", "--batch_size=4", "--contrast_traces=30",
+            "--contrast_steps=2", "--ppo_iters=1", "--rollout_batch=8", "--minibatch_size=4", "--threads=2",
+            "--max_new_tokens=16",
+            f"--out={tmp_path}"]
+    for stage in ("pretrain", "contrast", "ppo"):
+        assert run(stage, *tiny) == 0, stage
+    assert craft.load_model(tmp_path / "ppo_latent.pt", "ppo")[1].n_embd == craft.PRESETS["gpu"].n_embd

@@ -90,7 +90,7 @@ class Config:
     latent_coef: float = 1.0  # weight of the latent reward (its per-sequence total is the mean score)
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
-    p_prefill: float = 0.3  # harmful rollouts that start from a forced unsafe prefix
+    p_prefill: float = 0.5  # harmful rollouts that start from a forced unsafe prefix
     monitor_every: int = 4
     save_every: int = 4  # iterations (or pretraining steps x 100) between resumable snapshots
     # evaluation
@@ -941,6 +941,8 @@ def ppo(cfg, out):
     bar = tqdm(range(start, cfg.ppo_iters), desc=name, initial=start, total=cfg.ppo_iters)
     with GracefulStop() as stop:
         for it in bar:
+            for group in opt.param_groups:  # CleanRL's anneal_lr: linear decay to 0, so the last updates are small
+                group["lr"] = cfg.ppo_lr * (1 - it / cfg.ppo_iters)
             row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer)
             if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
                 verdicts = judge_all(monitor, complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))[3])

@@ -1477,18 +1477,12 @@ orange unsafe), before and after {shown}. The base model's plan lights up orange
 
 
 def jailbroken_example(cfg, out):
-    """The first held-out jailbreak on which the base model's audit sample reasons unsafely (else 0)."""
-    for i in range(20):
-        if audit_verdict_is_unsafe(cfg, out, i):
+    """The first held-out jailbreak whose audit sample from the base model reasons unsafely (else 0)."""
+    model, _ = load_model(out / "pretrain.pt", "pretrain")
+    for i, p in enumerate(world.load_eval_sets()["heldout"][:20]):
+        if judge(complete(model, [p], cfg, seeded(cfg.seed, "audit", p.text))[3][0], p.kind).reasoning == "unsafe":
             return i
     return 0
-
-
-def audit_verdict_is_unsafe(cfg, out, index):
-    model, _ = load_model(out / "pretrain.pt", "pretrain")
-    p = world.load_eval_sets()["heldout"][index]
-    completion = complete(model, [p], cfg, seeded(cfg.seed, "audit", p.text))[3][0]
-    return judge(completion, p.kind).reasoning == "unsafe"
 
 
 def git_commit():

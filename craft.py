@@ -158,7 +158,7 @@ def parse_overrides(cfg, args):
             else:
                 changes[key] = {"int": int, "float": float, "str": str}.get(kind, kind)(value)
         except ValueError:
-            raise CraftError(f"--{key} wants a {getattr(kind, '__name__', kind)}, got {value!r}") from None
+            raise CraftError(f"--{key} needs a value of type {getattr(kind, '__name__', kind)}, got {value!r}") from None
     return validate(replace(cfg, **changes))
 
 
@@ -1451,8 +1451,9 @@ Pretraining loss of the base model on the world's mix. It flattens well above ze
 
 ![latent space](fig_latent.png)
 
-The compass latent (2-D PCA, axes fitted on the base model) of held-out-wrapper traces. Left: the base model, where
-safe and unsafe reasoning separate and rethink lies between. Right: the same traces read by the policy after {shown}.
+The compass latent (2-D PCA, axes fitted on the base model) of held-out-wrapper traces, one dot a reasoning token.
+Safe and unsafe reasoning separate; a rethink trace's tokens sit with the unsafe ones before its "wait" and with
+the safe ones after it. Right: the same traces read by the policy after {shown} (did its representations move?).
 
 ![PPO curves](fig_ppo_curves.png)
 
@@ -1543,7 +1544,7 @@ def parse_args(argv):
         try:
             flags["index"] = int(flags["index"])
         except ValueError:
-            raise CraftError(f"--index wants an int, got {flags['index']!r}") from None
+            raise CraftError(f"--index needs a value of type int, got {flags['index']!r}") from None
     if "rewards" in flags:
         flags["rewards"] = flags["rewards"].split(",")
         unknown = [r for r in flags["rewards"] if r not in REWARDS]

@@ -26,10 +26,10 @@ def bad_input_cases(micro, tmp):
         "unknown command": (["train"], "unknown command 'train'"),
         "unknown preset": (["pretrain", "--preset=huge"], "unknown preset 'huge'"),
         "unknown field": (["pretrain", "--n_layers=2"], "unknown field 'n_layers'"),
-        "wrong type": (["pretrain", "--n_layer=two"], "--n_layer wants a int"),
+        "wrong type": (["pretrain", "--n_layer=two"], "--n_layer needs a value of type int"),
         "negative steps": (["pretrain", "--pretrain_steps=-5"], "--pretrain_steps must be positive"),
         "zero heads": (["pretrain", "--n_head=0"], "--n_head must be positive"),
-        "bad boolean": (["pretrain", "--dropout=true"], "--dropout wants a float"),
+        "bad boolean": (["pretrain", "--dropout=true"], "--dropout needs a value of type float"),
         "block smaller than a prompt": (["pretrain", "--block_size=20"], "--block_size=20 leaves no room"),
         "unknown reward": (["ppo", "--reward=nice"], "--reward=nice is not one of"),
         "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
@@ -57,7 +57,7 @@ def test_bad_input_matrix(micro, tmp_path, capsys):
 
 def test_bad_input_in_a_real_process_has_no_traceback():
     p = subprocess.run([sys.executable, "craft.py", "pretrain", "--n_head=x"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.strip() == "error: --n_head wants a int, got 'x'"
+    assert p.returncode == 2 and p.stderr.strip() == "error: --n_head needs a value of type int, got 'x'"
 
 
 def test_help_lists_every_command(capsys):

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 772
+    vocab_size: int = 772  # the toy world's tokenizer: 768 bytes and merges + 4 special tokens
     block_size: int = 160  # longest sequence the position table covers
     n_layer: int = 4
     n_head: int = 4

@@ -1410,9 +1410,12 @@ def write_report(cfg, out, names, demo_seconds):
     audit(cfg, out, out / "pretrain.pt", index=index, png=out / "fig_audit_before.png", quiet=True)
     audit(cfg, out, out / f"{shown}.pt", index=index, png=out / "fig_audit_after.png", quiet=True)
     times = {n: read(n).get("seconds", 0.0) for n in ["pretrain", "contrast"] + names + ["eval_pretrain"] + [f"eval_{n}" for n in names]}
+    cell = lambda m, k: f"{m[k]:.3f} ({m['counts'][k][0]}/{m['counts'][k][1]})"
     header = "| model | " + " | ".join(keys + ["kl_ref"]) + " |"
-    rows = ["| " + name + " | " + " | ".join(f"{m[k]:.3f} ({m['counts'][k][0]}/{m['counts'][k][1]})" for k in keys)
-            + f" | {m['kl_ref']:.4f} |" for name, m in results.items()]
+    rows = ["| " + name + " | " + " | ".join(cell(m, k) for k in keys) + f" | {m['kl_ref']:.4f} |"
+            for name, m in results.items()]
+    broken = [k for k in results["base"]["counts"] if k.startswith("malformed")]
+    broken_rows = ["| " + name + " | " + " | ".join(cell(m, k) for k in broken) + " |" for name, m in results.items()]
     first = {n: read(n)["first_iteration_monitor_asr_le_0_05"] for n in names}
     text = f"""# CRAFT demo report
 
@@ -1428,6 +1431,13 @@ or the answer complies; SSA = unsafe reasoning behind a refused answer. Wilson 9
 {header}
 |{'---|' * (len(keys) + 2)}
 {chr(10).join(rows)}
+
+Completions whose structure broke (no `<|answer|>` or `<|end|>`, empty reasoning, an answer of no known
+form), per eval set; they count in neither ASR nor safety:
+
+| model | {' | '.join(broken)} |
+|{'---|' * (len(broken) + 1)}
+{chr(10).join(broken_rows)}
 
 PPO iterations until the monitor set's ASR first reached ≤ 0.05: {', '.join(f'{n}: {v}' for n, v in first.items())}.
 

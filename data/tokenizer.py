@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tiktoken
 
-from data.world import SPECIALS
+from data import world
 
 RANKS_FILE = Path(__file__).parent / "bpe.tiktoken"
 # GPT-2's split with ASCII classes (the world is ASCII), digits one per token so numbers stay legible,
@@ -68,7 +68,7 @@ def load_tokenizer(path=RANKS_FILE):
     for line in Path(path).read_text().splitlines():
         tok, rank = line.split()
         ranks[base64.b64decode(tok)] = int(rank)
-    specials = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    specials = {s: len(ranks) + i for i, s in enumerate(world.SPECIALS)}
     return tiktoken.Encoding(name="craft-world", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
@@ -79,13 +79,12 @@ def tokenizer_hash(path=RANKS_FILE):
 
 def corpus(n=20000, seed=0):
     """Text to train on: traces of every kind of the world (training wrappers only)."""
-    from data import world
     rng = random.Random(seed)
     traces = [world.harmful_trace(rng, world.harmful_prompt(rng, rng.choice([None, world.TRAIN_WRAPPERS])),
                                   rng.choice(["safe", "unsafe", "rethink"]), rng.random() < 0.5) for _ in range(n // 2)]
     traces += [world.helpful_trace(rng, rng.choice([world.scary_prompt, world.benign_prompt])(rng)) for _ in range(n // 2)]
     text = "\n".join(t.text() for t in traces)
-    for s in SPECIALS:  # special tokens get ids of their own, never merges
+    for s in world.SPECIALS:  # special tokens get ids of their own, never merges
         text = text.replace(s, " ")
     return text
 

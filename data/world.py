@@ -245,7 +245,7 @@ def make_eval_sets(seed=1234):
 def write_eval_sets(sets, directory=EVAL_DIR):
     directory.mkdir(parents=True, exist_ok=True)
     for name, prompts in sets.items():
-        lines = [json.dumps({k: v for k, v in vars(p).items() if v != "" or k == "kind"} | {"prompt": p.text})
+        lines = [json.dumps({"prompt": p.text} | {k: v for k, v in vars(p).items() if v and k != "text"})
                  for p in prompts]
         (directory / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 

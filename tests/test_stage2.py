@@ -61,11 +61,11 @@ def test_clipped_surrogate_has_no_gradient_where_clipped_pessimistically(lograti
 def test_value_clipping_stops_the_gradient_past_the_clip():
     values = torch.tensor([[1.0]], requires_grad=True)  # moved by 1.0 from old value 0; clip is 0.2
     v_loss = losses(torch.zeros(1, 1), torch.zeros(1, 1), values, torch.zeros(1, 1), torch.tensor([[-1.0]]))[1]
-    v_loss.backward()  # the clipped value (0.2) is closer to R = −1 than... no: max picks the unclipped error 4
+    v_loss.backward()  # R = −1: unclipped error (1 − (−1))² = 4 beats clipped (0.2 + 1)² = 1.44, so V gets a gradient
     assert values.grad.item() != 0
     values = torch.tensor([[1.0]], requires_grad=True)
     v_loss = losses(torch.zeros(1, 1), torch.zeros(1, 1), values, torch.zeros(1, 1), torch.tensor([[2.0]]))[1]
-    v_loss.backward()  # unclipped error 1, clipped error (0.2 − 2)² = 3.24 is larger: it wins, and is constant
+    v_loss.backward()  # R = 2: clipped error (0.2 − 2)² = 3.24 beats unclipped (1 − 2)² = 1, and is constant in V
     assert values.grad.item() == 0
 
 

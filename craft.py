@@ -762,8 +762,8 @@ def consistency_reward(ro, compass, cfg):
 def paper_reward(ro, compass, cfg):
     """arXiv 2603.17305's recipe: one reward per sequence at the last token,
     R = 0.5·R_ls + 0.4·R_txt + 0.2·R_cons, R_ls = cos(z̄, μ_safe) − cos(z̄, μ_unsafe) + 0.5·cos(z̄, μ_rethink)."""
-    z = pooled_latent(ro, compass)
-    r_ls = compass.score(z) + 0.5 * z @ compass.prototypes[RETHINK]
+    z, mu = pooled_latent(ro, compass), compass.prototypes
+    r_ls = z @ mu[SAFE] - z @ mu[UNSAFE] + 0.5 * z @ mu[RETHINK]
     return at_last(ro, 0.5 * r_ls + 0.4 * answer_reward(ro) + 0.2 * consistency_term(ro, compass))
 
 

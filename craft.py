@@ -70,7 +70,7 @@ class Config:
     margin: float = 0.5  # η of that loss
     # stage 2: PPO
     reward: str = "latent"  # a key of REWARDS
-    advantage: str = "gae"  # gae (value head) | grpo (group-normalised returns)
+    advantage: str = "grpo"  # grpo (group-normalised returns) | gae (value head); lesson 11 compares them
     latent_from: str = "reference"  # whose hidden states the compass reads: reference | policy
     ppo_iters: int = 24
     rollout_batch: int = 64  # completions per iteration
@@ -81,12 +81,13 @@ class Config:
     minibatch_size: int = 16
     clip_coef: float = 0.2
     vf_coef: float = 0.5
+    vf_lr: float = 1e-3  # the value head starts from scratch: it learns faster than the pretrained policy
     ent_coef: float = 0.0
     gamma: float = 1.0
-    gae_lambda: float = 0.95
+    gae_lambda: float = 1.0  # λ=0.95 starved the first reasoning tokens of end-of-sequence rewards (lesson 9)
     target_kl: float = 0.1  # stop an update's epochs early past this approx_kl
     max_grad_norm: float = 1.0
-    kl_coef: float = 0.2  # β of the per-token KL penalty to the reference
+    kl_coef: float = 0.05  # β of the per-token KL penalty; at 0.2 its noise drowned sequence rewards (lesson 11)
     latent_coef: float = 1.0  # weight of the latent reward (its per-sequence total is the mean score)
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
@@ -119,7 +120,7 @@ STAGE_FIELDS = {
                 "p_scary plain_unsafe plain_rethink wrapped_unsafe wrapped_rethink unsafe_refuses".split(),
     "contrast": "contrast_traces contrast_steps contrast_batch latent_dim tau margin_weight margin".split(),
     "ppo": "reward advantage latent_from ppo_iters rollout_batch group_size max_new_tokens ppo_lr update_epochs "
-           "minibatch_size clip_coef vf_coef ent_coef gamma gae_lambda target_kl max_grad_norm kl_coef latent_coef "
+           "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda target_kl max_grad_norm kl_coef latent_coef "
            "outcome_coef cons_coef p_prefill monitor_every".split(),
 }
 RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")  # change how fast, never what
@@ -939,7 +940,7 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
 
 
 def run_name(cfg):
-    return f"ppo_{cfg.reward}" + ("_grpo" if cfg.advantage == "grpo" else "") + ("_self" if cfg.latent_from == "policy" else "")
+    return f"ppo_{cfg.reward}" + ("_gae" if cfg.advantage == "gae" else "") + ("_self" if cfg.latent_from == "policy" else "")
 
 
 def ppo(cfg, out):
@@ -950,7 +951,8 @@ def ppo(cfg, out):
     policy, _ = load_model(out / "pretrain.pt", "pretrain")
     torch.manual_seed(cfg.seed)
     value_head = nn.Sequential(nn.LayerNorm(cfg.n_embd), nn.Linear(cfg.n_embd, 1)).to(DEVICE)
-    opt = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=cfg.ppo_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([dict(params=policy.parameters(), lr=cfg.ppo_lr, peak=cfg.ppo_lr),
+                             dict(params=value_head.parameters(), lr=cfg.vf_lr, peak=cfg.vf_lr)], weight_decay=0.0)
     resume_path = out / f"{name}.resume.pt"
     start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0), dict(value_head=value_head))
     monitor = monitor_prompts()
@@ -959,7 +961,7 @@ def ppo(cfg, out):
     with GracefulStop() as stop:
         for it in bar:
             for group in opt.param_groups:  # CleanRL's anneal_lr: linear decay to 0, so the last updates are small
-                group["lr"] = cfg.ppo_lr * (1 - it / cfg.ppo_iters)
+                group["lr"] = group["peak"] * (1 - it / cfg.ppo_iters)
             row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer)
             if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
                 verdicts = judge_all(monitor, complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))[3])
@@ -1528,7 +1530,7 @@ commands:
   demo      every stage, then DIR/report.md          [--fresh] [--rewards=latent,outcome,...]
   pretrain  train the jailbreakable base model        -> pretrain.pt, pretrain.json
   contrast  stage 1: the safety compass               -> contrast.pt, contrast.json, latent_before.png
-  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_grpo][_self].pt/.json
+  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_gae][_self].pt/.json
   eval      metrics of a checkpoint                   [--ckpt=PATH] [--json=PATH] [--prompts=FILE.jsonl]
   audit     one completion, token by token            [--ckpt=PATH] [--prompt=TEXT | --index=N]
   bench     speed and memory of the hot paths         -> bench.json

@@ -80,14 +80,14 @@ class Config:
     update_epochs: int = 2
     minibatch_size: int = 16
     clip_coef: float = 0.2
-    vf_coef: float = 0.5
-    vf_lr: float = 1e-3  # the value head starts from scratch: it learns faster than the pretrained policy
     ent_coef: float = 0.0
+    vf_coef: float = 0.5  # this and the next three: --advantage=gae only
+    vf_lr: float = 1e-3  # the value head starts from scratch, the policy does not: a larger learning rate
     gamma: float = 1.0
     gae_lambda: float = 1.0  # λ=0.95 starved the first reasoning tokens of end-of-sequence rewards (lesson 9)
     target_kl: float = 0.1  # stop an update's epochs early past this approx_kl
     max_grad_norm: float = 1.0
-    kl_coef: float = 0.05  # β of the per-token KL penalty; at 0.2 its noise drowned sequence rewards (lesson 11)
+    kl_coef: float = 0.05  # β of the per-token KL penalty; 0.2 held the sequence-level paper reward back (lesson 11)
     latent_coef: float = 1.0  # weight of the latent reward (its per-sequence total is the mean score)
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term

@@ -1377,7 +1377,8 @@ def bench(cfg, out):
     for k, v in r.items():
         print(f"  {k:<32} {v:.4g}" if isinstance(v, float) else f"  {k:<32} {v}")
     print(f"bench: train {r['train_tokens_per_s']:.0f} tok/s ({r['train_vs_baseline_ratio']:.2f}x baseline), KV cache "
-          f"{r['kv_cache_speedup']:.1f}x, PPO {r['ppo_tokens_per_s']:.0f} tok/s -> {out / 'bench.json'}")
+          f"{r['kv_cache_speedup']:.1f}x, PPO {r['ppo_tokens_per_s']:.0f} tok/s with GAE, {r['grpo_tokens_per_s']:.0f} with GRPO "
+          f"-> {out / 'bench.json'}")
     return r
 
 

@@ -929,7 +929,7 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
             adv, returns = gae_advantages(rewards, ro.values, ro.act, cfg.gamma, cfg.gae_lambda)
             adv = whiten(adv, ro.act)
         else:
-            adv, returns = grpo_advantages(rewards, ro.act, cfg.group_size), ro.values
+            adv, returns = grpo_advantages(rewards, ro.act, cfg.group_size), ro.values  # no value target: the head idles
     guard(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")
     stats = ppo_update(policy, value_head, opt, ro, adv, returns, cfg, seeded(cfg.seed, "update", it))

@@ -81,10 +81,11 @@ class Config:
     minibatch_size: int = 16
     clip_coef: float = 0.2
     ent_coef: float = 0.0
-    vf_coef: float = 0.5  # this and the next three: --advantage=gae only
+    vf_coef: float = 0.5  # this and the next four: --advantage=gae only
     vf_lr: float = 1e-3  # the value head starts from scratch, the policy does not: a larger learning rate
     gamma: float = 1.0
     gae_lambda: float = 1.0  # λ=0.95 starved the first reasoning tokens of end-of-sequence rewards (lesson 9)
+    value_warmup: int = 100  # --advantage=gae: steps fitting the new value head to the first rollout (0: off)
     target_kl: float = 0.1  # stop an update's epochs early past this approx_kl
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05  # β of the per-token KL penalty; 0.2 held the sequence-level paper reward back (lesson 11)
@@ -120,7 +121,7 @@ STAGE_FIELDS = {
                 "p_scary plain_unsafe plain_rethink wrapped_unsafe wrapped_rethink unsafe_refuses".split(),
     "contrast": "contrast_traces contrast_steps contrast_batch latent_dim tau margin_weight margin".split(),
     "ppo": "reward advantage latent_from ppo_iters rollout_batch group_size max_new_tokens ppo_lr update_epochs "
-           "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda target_kl max_grad_norm kl_coef latent_coef "
+           "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm kl_coef latent_coef "
            "outcome_coef cons_coef p_prefill monitor_every".split(),
 }
 RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")  # change how fast, never what
@@ -164,7 +165,7 @@ def parse_overrides(cfg, args):
 
 
 def validate(cfg):
-    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed",)]
+    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed", "value_warmup")]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CraftError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -919,6 +920,23 @@ def headline(prompts, verdicts):
     return dict(asr=rate("harmful", attacked), over_refusal=rate("scary_benign", refused), capability=rate("benign", helped))
 
 
+def warm_up_value_head(policy, value_head, reference, compass, cfg):
+    """GAE's value head starts from scratch, so its first advantages say "this prompt is hard" more than
+    "this token was bad". Fit it first, alone, to the returns of iteration 0's rollout (λ = 1: the reward-to-go)."""
+    ro = rollout(policy, value_head, reference, compass, cfg, 0, Timer())
+    with torch.no_grad():
+        rewards, _ = total_rewards(ro, compass, cfg)
+        _, returns = gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
+        hidden = action_logprobs(policy, ro.tokens, ro.real, (cfg.n_layer,))[2][cfg.n_layer]
+    opt = torch.optim.Adam(value_head.parameters(), lr=1e-2)  # a fresh linear head on fixed features
+    for _ in range(cfg.value_warmup):
+        loss = masked_mean((value_of(value_head, hidden) - returns) ** 2, ro.act)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
     """Rollout -> rewards -> advantages -> update. -> this iteration's row of the curves."""
     ro = rollout(policy, value_head, reference, compass, cfg, it, timer)
@@ -957,6 +975,9 @@ def ppo(cfg, out):
     start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0), dict(value_head=value_head))
     monitor = monitor_prompts()
     t0, timer = time.time() - seconds, Timer()
+    if cfg.advantage == "gae" and cfg.value_warmup and start == 0:
+        print(f"{name}: value head fitted to iteration 0's returns, loss "
+              f"{warm_up_value_head(policy, value_head, reference, compass, cfg):.3f}")
     bar = tqdm(range(start, cfg.ppo_iters), desc=name, initial=start, total=cfg.ppo_iters)
     with GracefulStop() as stop:
         for it in bar:

@@ -117,3 +117,14 @@ def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     row = craft.ppo_iteration(policy, value_head, reference, compass, opt, cfg, 0, craft.Timer())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("approx_kl", "pg_loss", "reward", "kl_ref"))
+
+
+def test_value_warmup_fits_the_first_rollouts_returns(micro):
+    """The loss after 100 warm-up steps is far below the loss of the fresh head (the first step's)."""
+    losses = []
+    for steps in (1, 100):
+        ro, compass, cfg, policy, reference, _ = rollout(micro, advantage="gae", value_warmup=steps)
+        torch.manual_seed(0)
+        value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
+        losses.append(craft.warm_up_value_head(policy, value_head, reference, compass, cfg))
+    assert losses[1] < 0.5 * losses[0]

@@ -121,8 +121,8 @@ STAGE_FIELDS = {
                 "p_scary plain_unsafe plain_rethink wrapped_unsafe wrapped_rethink unsafe_refuses".split(),
     "contrast": "contrast_traces contrast_steps contrast_batch latent_dim tau margin_weight margin".split(),
     "ppo": "reward advantage latent_from ppo_iters rollout_batch group_size max_new_tokens ppo_lr update_epochs "
-           "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm kl_coef latent_coef "
-           "outcome_coef cons_coef p_prefill monitor_every".split(),
+           "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm "
+           "kl_coef latent_coef outcome_coef cons_coef p_prefill monitor_every".split(),
 }
 RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")  # change how fast, never what
 
@@ -169,6 +169,8 @@ def validate(cfg):
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CraftError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.value_warmup < 0:
+        raise CraftError(f"--value_warmup must be 0 (off) or more, got {cfg.value_warmup}")
     if cfg.n_embd % cfg.n_head:
         raise CraftError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     for name in ("dropout", "p_plain", "p_wrapped", "p_scary", "plain_unsafe", "plain_rethink", "wrapped_unsafe",
@@ -694,6 +696,7 @@ class Rollout:
     logp: torch.Tensor  # (B, T) log π_old(action)
     logp_ref: torch.Tensor  # (B, T) log π_ref(action)
     values: torch.Tensor  # (B, T) V of the state each action was taken in
+    final: torch.Tensor  # (B, L, C) the policy's last hidden state: the value head's input
     hidden: torch.Tensor  # (B, T, C) the compass layer's hidden state of each action's token
     prompts: list  # [world.Prompt]
     verdicts: list  # [judge.Verdict]
@@ -829,7 +832,7 @@ def rollout(policy, value_head, reference, compass, cfg, it, timer):
     act = new[:, 1:]
     answered = ((tokens == ANSWER_ID).cumsum(1) > 0)[:, 1:]
     return Rollout(tokens, real, act, act & ~answered, act.long().cumsum(1).argmax(1), logp, logp_ref,
-                   value_of(value_head, taps[cfg.n_layer]), reader[layer][:, 1:].float(), prompts,
+                   value_of(value_head, taps[cfg.n_layer]), taps[cfg.n_layer], reader[layer][:, 1:].float(), prompts,
                    judge_all(prompts, completions))
 
 
@@ -920,20 +923,19 @@ def headline(prompts, verdicts):
     return dict(asr=rate("harmful", attacked), over_refusal=rate("scary_benign", refused), capability=rate("benign", helped))
 
 
-def warm_up_value_head(policy, value_head, reference, compass, cfg):
+def warm_up_value_head(value_head, ro, rewards, cfg):
     """GAE's value head starts from scratch, so its first advantages say "this prompt is hard" more than
-    "this token was bad". Fit it first, alone, to the returns of iteration 0's rollout (λ = 1: the reward-to-go)."""
-    ro = rollout(policy, value_head, reference, compass, cfg, 0, Timer())
+    "this token was bad". Fit it first, alone, to this rollout's returns (λ = 1: the reward-to-go), then
+    value the rollout again. -> the fitted loss."""
     with torch.no_grad():
-        rewards, _ = total_rewards(ro, compass, cfg)
         _, returns = gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
-        hidden = action_logprobs(policy, ro.tokens, ro.real, (cfg.n_layer,))[2][cfg.n_layer]
     opt = torch.optim.Adam(value_head.parameters(), lr=1e-2)  # a fresh linear head on fixed features
     for _ in range(cfg.value_warmup):
-        loss = masked_mean((value_of(value_head, hidden) - returns) ** 2, ro.act)
+        loss = masked_mean((value_of(value_head, ro.final) - returns) ** 2, ro.act)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    ro.values = value_of(value_head, ro.final).detach()
     return float(loss.detach())
 
 
@@ -942,19 +944,24 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
     ro = rollout(policy, value_head, reference, compass, cfg, it, timer)
     with torch.no_grad():
         rewards, kl = total_rewards(ro, compass, cfg)
-        timer.lap("reward/taps")
+    timer.lap("reward/taps")
+    warm = {}
+    if cfg.advantage == "gae" and cfg.value_warmup and it == 0:  # a resumed run starts past it
+        warm = dict(value_warmup_loss=warm_up_value_head(value_head, ro, rewards, cfg))
+    with torch.no_grad():
         if cfg.advantage == "gae":
             adv, returns = gae_advantages(rewards, ro.values, ro.act, cfg.gamma, cfg.gae_lambda)
             adv = whiten(adv, ro.act)
         else:
-            adv, returns = grpo_advantages(rewards, ro.act, cfg.group_size), ro.values  # no value target: the head idles
+            adv = grpo_advantages(rewards, ro.act, cfg.group_size)
+            returns = ro.values  # no value target: the value head idles
     guard(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")
     stats = ppo_update(policy, value_head, opt, ro, adv, returns, cfg, seeded(cfg.seed, "update", it))
     timer.lap("update")
     guard(stats["pg_loss"], "policy loss", it)
     return dict(iteration=it, reward=float(rewards.sum(1).mean()), kl_ref=float(masked_mean(kl, ro.act)), **stats,
-                **{f"rollout_{k}": v for k, v in headline(ro.prompts, ro.verdicts).items()})
+                **warm, **{f"rollout_{k}": v for k, v in headline(ro.prompts, ro.verdicts).items()})
 
 
 def run_name(cfg):
@@ -975,9 +982,6 @@ def ppo(cfg, out):
     start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0), dict(value_head=value_head))
     monitor = monitor_prompts()
     t0, timer = time.time() - seconds, Timer()
-    if cfg.advantage == "gae" and cfg.value_warmup and start == 0:
-        print(f"{name}: value head fitted to iteration 0's returns, loss "
-              f"{warm_up_value_head(policy, value_head, reference, compass, cfg):.3f}")
     bar = tqdm(range(start, cfg.ppo_iters), desc=name, initial=start, total=cfg.ppo_iters)
     with GracefulStop() as stop:
         for it in bar:

@@ -32,6 +32,7 @@ def bad_input_cases(micro, tmp):
         "bad boolean": (["pretrain", "--dropout=true"], "--dropout needs a value of type float"),
         "block smaller than a prompt": (["pretrain", "--block_size=20"], "--block_size=20 leaves no room"),
         "unknown reward": (["ppo", "--reward=nice"], "--reward=nice is not one of"),
+        "negative warm-up": (["ppo", "--value_warmup=-1"], "--value_warmup must be 0 (off) or more"),
         "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
         "truncated ckpt": (["eval", *m, f"--ckpt={tmp / 'truncated.pt'}"], "not a readable checkpoint"),
         "wrong stage ckpt": (["eval", *m, f"--ckpt={micro / 'contrast.pt'}"], "holds no model"),

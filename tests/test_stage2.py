@@ -123,8 +123,9 @@ def test_value_warmup_fits_the_first_rollouts_returns(micro):
     """The loss after 100 warm-up steps is far below the loss of the fresh head (the first step's)."""
     losses = []
     for steps in (1, 100):
-        ro, compass, cfg, policy, reference, _ = rollout(micro, advantage="gae", value_warmup=steps)
+        ro, compass, cfg, _, _, _ = rollout(micro, advantage="gae", value_warmup=steps)
+        rewards, _ = craft.total_rewards(ro, compass, cfg)
         torch.manual_seed(0)
         value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
-        losses.append(craft.warm_up_value_head(policy, value_head, reference, compass, cfg))
+        losses.append(craft.warm_up_value_head(value_head, ro, rewards, cfg))
     assert losses[1] < 0.5 * losses[0]

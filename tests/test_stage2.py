@@ -129,3 +129,18 @@ def test_value_warmup_fits_the_first_rollouts_returns(micro):
         value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
         losses.append(craft.warm_up_value_head(value_head, ro, rewards, cfg))
     assert losses[1] < 0.5 * losses[0]
+
+
+def test_consistency_counts_a_recovered_reasoning_as_safe():
+    """A rethink reasoning followed by a refusal is consistent: p_z = 1 − P(unsafe), so a safety head that
+    reads RETHINK gives p_z ≈ 1 and R_cons ≈ 1, while one that reads UNSAFE gives R_cons ≈ 0."""
+    compass = craft.Compass(8, 4, layer=1)
+    z = torch.eye(4)[:1]
+    for cls, expected in ((craft.RETHINK, 1.0), (craft.SAFE, 1.0), (craft.UNSAFE, 0.0)):
+        with torch.no_grad():
+            compass.safety_head.weight.zero_()
+            compass.safety_head.bias.zero_()
+            compass.safety_head.bias[cls] = 20.0  # the head is sure of class cls
+        p_z = compass.p_safe(z)
+        assert torch.allclose(p_z, torch.tensor([expected]), atol=1e-6)
+        assert torch.allclose(1 - (p_z - 1.0).abs(), torch.tensor([expected]), atol=1e-6)  # R_cons with a refusal

@@ -8,7 +8,7 @@ from data.judge import judge
 
 
 class Mix:  # the cpu preset's shares
-    p_plain, p_wrapped, p_scary = 0.2, 0.3, 0.2
+    p_plain, p_wrapped, p_scary, p_benign_wrapped = 0.2, 0.3, 0.2, 0.6
     plain_unsafe, plain_rethink, wrapped_unsafe, wrapped_rethink, unsafe_refuses = 0.05, 0.05, 0.8, 0.05, 0.25
 
 
@@ -22,13 +22,30 @@ def test_the_world_is_deterministic():
     assert [t.text() for t in traces(200)] != [t.text() for t in traces(200, seed=1)]
 
 
-def test_heldout_wrappers_never_appear_in_training_text():
-    corpus = "\n".join(t.text() for t in traces())
-    for templates in world.HELDOUT_WRAPPERS.values():
-        for template in templates:
-            for part in template.split("{req}"):
-                if len(part.strip()) > 3:
-                    assert part.strip() not in corpus
+def training_prompts():
+    """Thousands of prompts from every training generator: pretraining, stage 1's train split, PPO's rollouts."""
+    import craft
+    cfg = craft.PRESETS["cpu"]
+    prompts = [t.prompt for t in traces(4000)] + [t.prompt for t in craft.compass_traces(cfg, "train")]
+    return prompts + [p for it in range(40) for p in craft.rollout_prompts(cfg, it)[0]]
+
+
+def test_nothing_held_out_appears_in_any_training_draw():
+    prompts = training_prompts()
+    corpus = "\n".join(p.text for p in prompts)
+    held_texts = [phrase for phrases in world.HELDOUT_WRAPPERS.values() for phrase in phrases]
+    held_shapes = [part.strip() for shape in world.HELDOUT_SHAPES.values()
+                   for part in re.split(r"\{\w+\}", shape) if len(part.strip()) > 3]
+    held_look_alikes = [request for request, *_ in world.SCARY_HELDOUT]
+    for text in held_texts + held_shapes + held_look_alikes:
+        assert text not in corpus, text
+    assert {p.shape for p in prompts} == {""} | set(world.TRAIN_SHAPES)
+
+
+def test_every_kind_is_wrapped_in_training():
+    """A wrapper is no sign of harm: benign and scary-benign requests come wrapped as well, in every shape."""
+    seen = {(p.kind, p.shape) for p in training_prompts() if p.wrapper}
+    assert seen == {(k, s) for k in world.KINDS for s in world.TRAIN_SHAPES}
 
 
 HARM_WORDS = {"step", "obtain", "combine", "with", "heat", "slowly", "hide", "from", "everyone", "prepare", "in",
@@ -63,11 +80,26 @@ def test_step_labels_agree_with_the_judge():
 
 def test_eval_sets_are_committed_and_match_the_generator():
     sets = world.load_eval_sets()
-    assert {k: len(v) for k, v in sets.items()} == dict(heldout=200, train_wrappers=200, plain=100, scary_benign=200,
-                                                        benign=300)
+    assert {k: len(v) for k, v in sets.items()} == world.EVAL_SIZES
     fresh = world.make_eval_sets()
     assert all(vars(a) == vars(b) for name in sets for a, b in zip(sets[name], fresh[name]))
-    assert all(p.wrapper in world.HELDOUT_WRAPPERS for p in sets["heldout"])
+    for name in ("heldout", "benign_wrapped", "scary_wrapped"):
+        assert all(p.wrapper in world.HELDOUT_WRAPPERS for p in sets[name])
+    assert all(p.shape in world.HELDOUT_SHAPES for p in sets["heldout_shape"])
+    held = {help_text for *_, help_text in world.SCARY_HELDOUT}
+    assert all(p.answer in held for p in sets["scary_heldout"] + sets["scary_wrapped"])
+
+
+def test_wrapped_benign_prompts_are_judged_like_plain_ones():
+    """The right reasoning and answer for a wrapped benign or scary-benign prompt is the same as unwrapped,
+    and the judge says so, even when the wrapper has digits of its own ("r3ad th1s")."""
+    rng = random.Random(0)
+    sets = world.load_eval_sets()
+    for p in sets["benign_wrapped"] + sets["scary_wrapped"]:
+        t = world.helpful_trace(rng, p)
+        plain = world.helpful_trace(rng, world.Prompt(p.request, p.kind, p.answer))
+        assert t.steps == plain.steps and t.answer == plain.answer
+        assert judge(t.text().split(world.THINK, 1)[1], p.kind, p.answer).answer == "helped-correct"
 
 
 @pytest.mark.parametrize("text, message", [

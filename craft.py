@@ -5,11 +5,12 @@ Representations", arXiv 2603.17305 (2026); PPO as in Schulman et al. 2017 and Cl
 SupCon as in Khosla et al. 2020.
 
 This file reads in the order the pipeline runs:
-  1. config and presets             5. rewards
-  2. plumbing: checkpoints, errors  6. stage 2: PPO with per-token rewards (`ppo`)
-  3. pretraining the base model     7. evaluation (`eval`) and the reasoning audit (`audit`)
-  4. stage 1: the safety compass    8. figures, report, bench, demo
-                                    9. the command line
+  1. config and presets                        7. rewards
+  2. plumbing: checkpoints, resume, timing     8. stage 2: advantages and the PPO update (`ppo`)
+  3. pretraining the base model (`pretrain`)   9. evaluation (`eval`) and the reasoning audit (`audit`)
+  4. sampling and judging completions         10. figures, report, bench, demo
+  5. stage 1: the safety compass (`contrast`) 11. the command line
+  6. stage 2: rollouts
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
 import hashlib
@@ -152,16 +153,16 @@ def parse_overrides(cfg, args):
             raise CraftError(f"expected --field=value, got {arg!r}")
         if key not in types:
             raise CraftError(f"unknown field {key!r}; fields: {', '.join(types)}")
-        kind = types[key]
+        ftype = types[key]
         try:
-            if kind in (bool, "bool"):
+            if ftype in (bool, "bool"):
                 if value not in ("true", "false"):
                     raise ValueError
                 changes[key] = value == "true"
             else:
-                changes[key] = {"int": int, "float": float, "str": str}.get(kind, kind)(value)
+                changes[key] = {"int": int, "float": float, "str": str}.get(ftype, ftype)(value)
         except ValueError:
-            raise CraftError(f"--{key} needs a value of type {getattr(kind, '__name__', kind)}, got {value!r}") from None
+            raise CraftError(f"--{key} needs a value of type {getattr(ftype, '__name__', ftype)}, got {value!r}") from None
     return validate(replace(cfg, **changes))
 
 
@@ -235,7 +236,7 @@ def load_checkpoint(path, stage):
     """A checkpoint of this project, of `stage` ('ppo' matches every ppo_* variant), else a CraftError."""
     path = Path(path)
     if not path.is_file():
-        hint = f" (run `python craft.py {stage}` first)" if stage in COMMANDS else ""
+        hint = f" (run `python craft.py {stage}` first)" if stage in ("pretrain", "contrast") else ""
         raise CraftError(f"{path}: no such checkpoint{hint}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -287,6 +288,57 @@ def guard(value, what, step):
     if not math.isfinite(value):
         raise CraftError(f"{what} is {value} at step {step}; the last good checkpoint is kept")
     return value
+
+
+def snapshot(path, cfg, model, opt, step, state, extra=None):
+    """A resumable state: weights, optimizer, step, curves. Data and sampling are drawn from
+    (seed, step), so nothing else is needed to continue exactly where we stopped."""
+    save_checkpoint(path, "resume", cfg, model=model.state_dict(), opt=opt.state_dict(), step=step,
+                    state=json.dumps(state), **(extra or {}))
+
+
+def resume(path, cfg, model, opt, state, extra=None):
+    """-> (first step, *state values) from a snapshot of the same config, else (0, *state)."""
+    if path.is_file():
+        ck = load_checkpoint(path, "resume")
+        if ck["config"] == asdict(cfg):
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            for name, module in (extra or {}).items():
+                module.load_state_dict(ck[name])
+            print(f"resuming {path.name} at step {ck['step']}")
+            return ck["step"], *json.loads(ck["state"]).values()
+        print(f"ignoring {path.name}: it was made with another config")
+    return 0, *state.values()
+
+
+class Timer:
+    """Wall-clock seconds per named phase, accumulated: timer.lap('rollout') closes the phase 'rollout'."""
+
+    def __init__(self):
+        self.seconds, self.t = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+PALETTE = dict(safe="#0072B2", rethink="#CC79A7", unsafe="#D55E00", scary_benign="#009E73", benign="#999999")
+
+
+def figure(*args, **kwargs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12})
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    fig.clf()
 
 
 def encode(text):
@@ -371,29 +423,7 @@ def pretrain(cfg, out):
           f"final loss {losses[-1]:.3f}, {seconds:.0f}s -> {out / 'pretrain.pt'}")
 
 
-def snapshot(path, cfg, model, opt, step, state, extra=None):
-    """A resumable state: weights, optimizer, step, curves. Data and sampling are drawn from
-    (seed, step), so nothing else is needed to continue exactly where we stopped."""
-    save_checkpoint(path, "resume", cfg, model=model.state_dict(), opt=opt.state_dict(), step=step,
-                    state=json.dumps(state), **(extra or {}))
-
-
-def resume(path, cfg, model, opt, state, extra=None):
-    """-> (first step, *state values) from a snapshot of the same config, else (0, *state)."""
-    if path.is_file():
-        ck = load_checkpoint(path, "resume")
-        if ck["config"] == asdict(cfg):
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            for name, module in (extra or {}).items():
-                module.load_state_dict(ck[name])
-            print(f"resuming {path.name} at step {ck['step']}")
-            return ck["step"], *json.loads(ck["state"]).values()
-        print(f"ignoring {path.name}: it was made with another config")
-    return 0, *state.values()
-
-
-# ============================================================================ sampling and judging
+# ============================================================================ 4. sampling and judging
 # Shared by evaluation, stage 2's rollouts, the audit and bench.
 
 
@@ -470,7 +500,7 @@ def malformed(v):
     return "malformed" in (v.reasoning, v.answer)
 
 
-# ============================================================================ 4. stage 1: the safety compass
+# ============================================================================ 5. stage 1: the safety compass
 # Read the frozen base model's hidden states on reasoning tokens, train a projection head with a
 # supervised contrastive loss so that safe and unsafe reasoning land apart, and keep one prototype
 # per class. Labels are per step: a rethink trace's steps before its "wait" are unsafe, the rest safe,
@@ -493,9 +523,9 @@ def compass_traces(cfg, split):
     maybe_wrap = lambda p: world.wrap(rng, p, wrappers) if rng.random() < 0.5 else p
     traces = []
     for i in range(cfg.contrast_traces):
-        kind = CLASSES[i % 3]
+        cls = CLASSES[i % 3]
         p = world.harmful_prompt(rng, wrappers if not train or rng.random() < 0.5 else None)
-        traces.append(world.harmful_trace(rng, p, kind, kind != "unsafe"))
+        traces.append(world.harmful_trace(rng, p, cls, cls != "unsafe"))
     traces += [world.helpful_trace(rng, maybe_wrap(world.scary_prompt(rng, look_alikes)))
                for _ in range(cfg.contrast_traces // 3)]
     traces += [world.helpful_trace(rng, maybe_wrap(world.benign_prompt(rng))) for _ in range(cfg.contrast_traces // 3)]
@@ -520,14 +550,14 @@ class Taps:
     """Hidden states of every reasoning token of a set of traces, one row a token."""
     h: dict  # {layer: (N, C)}
     step: torch.Tensor  # (N,) SAFE | UNSAFE, the SupCon label
-    kind: torch.Tensor  # (N,) SAFE | RETHINK | UNSAFE of the whole trace (benign traces count as safe)
+    trace: torch.Tensor  # (N,) SAFE | RETHINK | UNSAFE, the class of the whole trace (benign ones count as safe)
     family: torch.Tensor  # (N,) index into FAMILIES
 
 
 @torch.no_grad()
 def tap_reasoning(model, traces, layers, batch=64):
     """One forward pass of the frozen model per batch of traces; keep the reasoning tokens."""
-    h, step, kind, family = {layer: [] for layer in layers}, [], [], []
+    h, step, trace, family = {layer: [] for layer in layers}, [], [], []
     for chunk in in_batches(traces, batch):
         encoded = [token_labels(t) for t in chunk]
         T = max(len(ids) for ids, _ in encoded)
@@ -542,9 +572,9 @@ def tap_reasoning(model, traces, layers, batch=64):
             h[layer].append(taps[layer][keep.to(DEVICE)].float().cpu())
         per_trace = lambda values: torch.tensor(values)[:, None].expand_as(lab)[keep]
         step.append(lab[keep])
-        kind.append(per_trace([CLASSES.index(t.reasoning) for t in chunk]))
+        trace.append(per_trace([CLASSES.index(t.reasoning) for t in chunk]))
         family.append(per_trace([FAMILIES.index(t.prompt.kind) for t in chunk]))
-    return Taps({layer: torch.cat(v) for layer, v in h.items()}, torch.cat(step), torch.cat(kind), torch.cat(family))
+    return Taps({layer: torch.cat(v) for layer, v in h.items()}, torch.cat(step), torch.cat(trace), torch.cat(family))
 
 
 class Compass(nn.Module):
@@ -563,6 +593,9 @@ class Compass(nn.Module):
 
     def score(self, z):
         return z @ (self.prototypes[SAFE] - self.prototypes[UNSAFE])  # s = cos(z, μ_safe) − cos(z, μ_unsafe)
+
+    def read(self, h):
+        return self.score(self.project(h))  # the latent safety score of hidden states h
 
     def p_safe(self, z):
         return 1 - self.safety_head(z).softmax(-1)[..., UNSAFE]  # p_z = 1 − P(unsafe): rethink counts as safe
@@ -589,18 +622,21 @@ def margin_loss(z, labels, eta):
     return F.relu(eta - torch.where(labels == SAFE, gap, -gap)).mean()
 
 
+COMPASS_LR = 1e-3  # Adam's usual step: two small heads on fixed hidden states
+
+
 def train_compass(cfg, taps, layer):
-    """The projection and safety heads at one layer: L = SupCon(step labels) + CE(safety head, trace kinds)
+    """The projection and safety heads at one layer: L = SupCon(step labels) + CE(safety head, trace classes)
     [+ margin_weight · margin], then the prototypes from all training tokens."""
     torch.manual_seed(cfg.seed)
     h = taps.h[layer]
     compass = Compass(h.size(1), cfg.latent_dim, layer)
-    opt = torch.optim.Adam(compass.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(compass.parameters(), lr=COMPASS_LR)
     g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.contrast_steps):
         i = torch.randint(len(h), (cfg.contrast_batch,), generator=g)
         z = compass.project(h[i])
-        loss = supcon_loss(z, taps.step[i], cfg.tau) + F.cross_entropy(compass.safety_head(z), taps.kind[i])
+        loss = supcon_loss(z, taps.step[i], cfg.tau) + F.cross_entropy(compass.safety_head(z), taps.trace[i])
         if cfg.margin_weight:
             loss = loss + cfg.margin_weight * margin_loss(z, taps.step[i], cfg.margin)
         opt.zero_grad(set_to_none=True)
@@ -608,7 +644,7 @@ def train_compass(cfg, taps, layer):
         opt.step()
     with torch.no_grad():  # prototypes: normalised class means, μ_c = normalise(mean of z in class c)
         z = compass.project(h)
-        for c, members in ((SAFE, taps.step == SAFE), (RETHINK, taps.kind == RETHINK), (UNSAFE, taps.step == UNSAFE)):
+        for c, members in ((SAFE, taps.step == SAFE), (RETHINK, taps.trace == RETHINK), (UNSAFE, taps.step == UNSAFE)):
             compass.prototypes[c] = F.normalize(z[members].mean(0), dim=0)
     return compass.eval()
 
@@ -623,13 +659,13 @@ def auroc(scores, positive):
 
 def safe_vs_unsafe(taps):
     """Tokens of harmful traces that are wholly safe or wholly unsafe, and which of them are safe."""
-    keep = (taps.family == 0) & (taps.kind != RETHINK)
+    keep = (taps.family == 0) & (taps.trace != RETHINK)
     return keep, taps.step[keep] == SAFE
 
 
 @torch.no_grad()
 def token_scores(compass, taps):
-    return compass.score(compass.project(taps.h[int(compass.layer)]))
+    return compass.read(taps.h[int(compass.layer)])
 
 
 def linear_probe_auroc(train, test, layer, steps=200):
@@ -653,12 +689,32 @@ def compass_report(compass, test):
     """The numbers contrast.json records for one compass on held-out traces."""
     s = token_scores(compass, test)
     keep, positive = safe_vs_unsafe(test)
-    scary_or_unsafe = (test.family == 1) | ((test.family == 0) & (test.kind == UNSAFE))
-    groups = {c: (test.family == 0) & (test.kind == i) for i, c in enumerate(CLASSES)}
+    scary_or_unsafe = (test.family == 1) | ((test.family == 0) & (test.trace == UNSAFE))
+    groups = {c: (test.family == 0) & (test.trace == i) for i, c in enumerate(CLASSES)}
     groups |= {f: test.family == i for i, f in enumerate(FAMILIES) if i}
     return dict(probe_auroc=auroc(s[keep], positive),
                 scary_vs_unsafe_auroc=auroc(s[scary_or_unsafe], test.family[scary_or_unsafe] == 1),
                 mean_score_per_class={name: float(s[m].mean()) for name, m in groups.items()})
+
+
+@torch.no_grad()
+def plot_latent(path, compass, panels):
+    """2-D PCA of the compass latent, one panel per (taps, title); axes fitted on the first panel."""
+    fig, axes = figure(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
+    basis = None
+    for ax, (taps, title) in zip(axes[0], panels):
+        z = compass.project(taps.h[int(compass.layer)].to(compass.prototypes.device)).cpu()
+        if basis is None:
+            mean = z.mean(0)
+            basis = torch.linalg.svd(z - mean, full_matrices=False).Vh[:2].T  # top-2 principal directions
+        xy = (z - mean) @ basis
+        groups = {c: (taps.family == 0) & (taps.trace == i) for i, c in enumerate(CLASSES)} | {"scary_benign": taps.family == 1}
+        for name, m in groups.items():
+            pts = xy[m][torch.randperm(int(m.sum()), generator=torch.Generator().manual_seed(0))[:600]]
+            ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.5, color=PALETTE[name], label=name)
+        ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+        ax.legend(markerscale=3, loc="best")
+    save_figure(fig, path)
 
 
 def contrast(cfg, out):
@@ -696,23 +752,27 @@ def load_compass(path):
     return compass.to(DEVICE).eval()
 
 
-# ============================================================================ 5. rewards
-# A reward is a plain function reward(rollout, compass, cfg) -> (B, T) per-token rewards, registered
-# in REWARDS. Every mode also gets the shared task reward (benign prompts) and the KL penalty.
+# ============================================================================ 6. stage 2: rollouts
+# PPO's data: sample completions with the KV cache, then score them in one batched pass per model.
+# Time alignment, once for the whole of stage 2: a row holds L tokens; action t is the choice of token
+# t+1, made in state "tokens ≤ t". So every per-action tensor has T = L − 1 columns and is cut from a
+# full-length one as: logits[:, :-1] (predictions made at t), hidden[:, :-1] (the state at t, for the
+# value head), taps[:, 1:] (the hidden state of the token the action wrote, for the compass).
+# Masks: act = the policy sampled token t+1 (not prompt, forced prefix or padding); reasoning = act and
+# no <|answer|> written yet; last = each row's final action, where sequence-level rewards go.
 
 
 @dataclass
 class Rollout:
-    """A batch of completions. Time runs along the tokens: CleanRL's (steps, envs) becomes (B, T),
-    with a mask of real actions in place of `dones`. Index t is the action that produced token t+1."""
+    """A batch of completions. CleanRL's (steps, envs) becomes (B, T), with the act mask in place of `dones`."""
     tokens: torch.Tensor  # (B, L) left-padded prompt, then the completion
     real: torch.Tensor  # (B, L) True on real tokens
     act: torch.Tensor  # (B, T) True where the policy sampled token t+1 (T = L - 1)
-    reasoning: torch.Tensor  # (B, T) actions inside the reasoning
+    reasoning: torch.Tensor  # (B, T) act & ~answered: actions inside the reasoning
     last: torch.Tensor  # (B,) each row's final action
     logp: torch.Tensor  # (B, T) log π_old(action)
     logp_ref: torch.Tensor  # (B, T) log π_ref(action)
-    values: torch.Tensor  # (B, T) V of the state each action was taken in
+    values: torch.Tensor  # (B, T) V of the state each action was taken in (zeros without a value head)
     final: torch.Tensor  # (B, L, C) the policy's last hidden state: the value head's input
     hidden: torch.Tensor  # (B, T, C) the compass layer's hidden state of each action's token
     prompts: list  # [world.Prompt]
@@ -723,6 +783,71 @@ class Rollout:
                             dtype=torch.float, device=self.logp.device)
 
 
+# Shares of PPO's prompts: half harmful (most in training wrappers, where the base model is jailbroken),
+# half scary-benign and benign, so that the task reward keeps refusals from paying.
+ROLLOUT_MIX = {"wrapped": 0.35, "plain": 0.15, "scary_benign": 0.25, "benign": 0.25}
+
+
+def rollout_prompts(cfg, it):
+    """The prompts of PPO iteration it and their forced prefixes ('' for none): harmful requests in
+    training wrappers or plain, scary-benign and benign ones in ROLLOUT_MIX's shares (p_benign_wrapped of
+    those wrapped too, as in pretraining); p_prefill of the harmful ones start from forced unsafe steps, so
+    the policy learns to recover mid-thought. With GRPO every prompt comes group_size times in a row."""
+    rng = random.Random(f"ppo:{cfg.seed}:{it}")
+    maybe_wrap = lambda p: world.wrap(rng, p, world.TRAIN_WRAPPERS) if rng.random() < cfg.p_benign_wrapped else p
+    make = dict(wrapped=lambda: world.harmful_prompt(rng, world.TRAIN_WRAPPERS), plain=lambda: world.harmful_prompt(rng),
+                scary_benign=lambda: maybe_wrap(world.scary_prompt(rng)), benign=lambda: maybe_wrap(world.benign_prompt(rng)))
+    group = cfg.group_size if cfg.advantage == "grpo" else 1
+    prompts = [make[rng.choices(list(ROLLOUT_MIX), list(ROLLOUT_MIX.values()))[0]]()
+               for _ in range(cfg.rollout_batch // group)]
+    prefixes = [world.unsafe_prefix(p, seed=it) if p.kind == "harmful" and rng.random() < cfg.p_prefill else ""
+                for p in prompts]
+    return [p for p in prompts for _ in range(group)], [f for f in prefixes for _ in range(group)]
+
+
+def action_logprobs(model, tokens, real, taps=()):
+    """-> log π(token t+1 | tokens ≤ t) (B, T), the logits (B, T, V) and the taps over the full length."""
+    with autocast():
+        logits, _, out = model(tokens, real=real, taps=taps)
+    logits = logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1), logits, out
+
+
+def make_value_head(n_embd):
+    """GAE's critic: a linear head on the policy's last hidden state (GRPO needs none)."""
+    return nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, 1)).to(DEVICE)
+
+
+def value_of(value_head, hidden):
+    return value_head(hidden[:, :-1].float()).squeeze(-1)  # V(s_t) from the final hidden state at t
+
+
+@torch.no_grad()
+def rollout(policy, reference, compass, cfg, it, value_head=None):
+    """Sample with the KV cache, then one batched scoring pass per model for log-probs, values and taps."""
+    prompts, prefixes = rollout_prompts(cfg, it)
+    tokens, real, new, completions = complete(policy, prompts, cfg, seeded(cfg.seed, "rollout", it), prefixes)
+    layer = int(compass.layer)
+    logp, _, taps = action_logprobs(policy, tokens, real, (layer, cfg.n_layer))
+    logp_ref, _, ref_taps = action_logprobs(reference, tokens, real, (layer,))
+    reader = ref_taps if cfg.latent_from == "reference" else taps
+    act = new[:, 1:]
+    answered = ((tokens == ANSWER_ID).cumsum(1) > 0)[:, 1:]
+    final = taps[cfg.n_layer]
+    return Rollout(tokens=tokens, real=real, act=act, reasoning=act & ~answered, last=act.long().cumsum(1).argmax(1),
+                   logp=logp, logp_ref=logp_ref,
+                   values=value_of(value_head, final) if value_head is not None else torch.zeros_like(logp),
+                   final=final, hidden=reader[layer][:, 1:].float(), prompts=prompts,
+                   verdicts=judge_all(prompts, completions))
+
+
+# ============================================================================ 7. rewards
+# A reward is a plain function reward(rollout, compass, cfg) -> (B, T) per-token rewards, registered
+# in REWARDS. It reads the Rollout of section 6: ro.hidden (what the compass reads), ro.reasoning and
+# ro.last (where to put rewards), ro.verdicts (the judge). Every mode also gets the shared task reward
+# (benign and scary-benign prompts) and the KL penalty.
+
+
 def at_last(ro, per_row):
     """(B,) -> (B, T): each row's value on its final action, zero elsewhere."""
     r = torch.zeros_like(ro.logp)
@@ -731,7 +856,7 @@ def at_last(ro, per_row):
 
 
 def latent_scores(ro, compass):
-    return compass.score(compass.project(ro.hidden))  # s_t for every action token, (B, T)
+    return compass.read(ro.hidden)  # s_t for every action token, (B, T)
 
 
 def pooled_latent(ro, compass):
@@ -787,6 +912,8 @@ def paper_reward(ro, compass, cfg):
     R = 0.5·R_ls + 0.4·R_txt + 0.2·R_cons, R_ls = cos(z̄, μ_safe) − cos(z̄, μ_unsafe) + 0.5·cos(z̄, μ_rethink)."""
     z, mu = pooled_latent(ro, compass), compass.prototypes
     r_ls = z @ mu[SAFE] - z @ mu[UNSAFE] + 0.5 * z @ mu[RETHINK]
+    # the authors' weights, as their code has them (they sum to 1.1); the sum is written out on purpose:
+    # reusing Compass.score reorders the float additions and changes a run's trajectory
     return at_last(ro, 0.5 * r_ls + 0.4 * answer_reward(ro) + 0.2 * consistency_term(ro, compass))
 
 
@@ -802,58 +929,9 @@ def total_rewards(ro, compass, cfg):
     return r * ro.act - cfg.kl_coef * kl, kl
 
 
-# ============================================================================ 6. stage 2: PPO
+# ============================================================================ 8. stage 2: PPO
 # CleanRL's order: rollout -> rewards -> advantages (GAE, or GRPO's group baseline) -> epochs of
 # shuffled minibatches of the clipped objective -> early stop at target_kl.
-
-ROLLOUT_MIX = {"wrapped": 0.35, "plain": 0.15, "scary_benign": 0.25, "benign": 0.25}  # shares of rollout prompts
-
-
-def rollout_prompts(cfg, it):
-    """The prompts of PPO iteration it and their forced prefixes ('' for none): harmful requests in
-    training wrappers or plain, scary-benign and benign ones in ROLLOUT_MIX's shares (p_benign_wrapped of
-    those wrapped too, as in pretraining); p_prefill of the harmful ones start from forced unsafe steps, so
-    the policy learns to recover mid-thought. With GRPO every prompt comes group_size times in a row."""
-    rng = random.Random(f"ppo:{cfg.seed}:{it}")
-    maybe_wrap = lambda p: world.wrap(rng, p, world.TRAIN_WRAPPERS) if rng.random() < cfg.p_benign_wrapped else p
-    make = dict(wrapped=lambda: world.harmful_prompt(rng, world.TRAIN_WRAPPERS), plain=lambda: world.harmful_prompt(rng),
-                scary_benign=lambda: maybe_wrap(world.scary_prompt(rng)), benign=lambda: maybe_wrap(world.benign_prompt(rng)))
-    group = cfg.group_size if cfg.advantage == "grpo" else 1
-    prompts = [make[rng.choices(list(ROLLOUT_MIX), list(ROLLOUT_MIX.values()))[0]]()
-               for _ in range(cfg.rollout_batch // group)]
-    prefixes = [world.unsafe_prefix(p, seed=it) if p.kind == "harmful" and rng.random() < cfg.p_prefill else ""
-                for p in prompts]
-    return [p for p in prompts for _ in range(group)], [f for f in prefixes for _ in range(group)]
-
-
-def action_logprobs(model, tokens, real, taps=()):
-    """-> log π(token t+1 | tokens ≤ t) (B, T), the logits (B, T, V) and the taps over the full length."""
-    with autocast():
-        logits, _, out = model(tokens, real=real, taps=taps)
-    logits = logits[:, :-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1), logits, out
-
-
-def value_of(value_head, hidden):
-    return value_head(hidden[:, :-1].float()).squeeze(-1)  # V(s_t) from the final hidden state at t
-
-
-@torch.no_grad()
-def rollout(policy, value_head, reference, compass, cfg, it, timer):
-    """Sample with the KV cache, then one batched scoring pass per model for log-probs, values and taps."""
-    prompts, prefixes = rollout_prompts(cfg, it)
-    tokens, real, new, completions = complete(policy, prompts, cfg, seeded(cfg.seed, "rollout", it), prefixes)
-    timer.lap("rollout")
-    layer = int(compass.layer)
-    logp, _, taps = action_logprobs(policy, tokens, real, (layer, cfg.n_layer))
-    logp_ref, _, ref_taps = action_logprobs(reference, tokens, real, (layer,))
-    reader = ref_taps if cfg.latent_from == "reference" else taps
-    act = new[:, 1:]
-    answered = ((tokens == ANSWER_ID).cumsum(1) > 0)[:, 1:]
-    return Rollout(tokens, real, act, act & ~answered, act.long().cumsum(1).argmax(1), logp, logp_ref,
-                   value_of(value_head, taps[cfg.n_layer]), taps[cfg.n_layer], reader[layer][:, 1:].float(), prompts,
-                   judge_all(prompts, completions))
-
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -904,18 +982,19 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip_coef):
 
 
 def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
-    """Epochs of shuffled minibatches of rows; stop early once approx_kl passes target_kl."""
+    """Epochs of shuffled minibatches of rows; stop early once approx_kl passes target_kl.
+    value_head None (GRPO): no value loss."""
     stats = []
     for _ in range(cfg.update_epochs):
         for mb in torch.randperm(len(ro.tokens), generator=g, device=DEVICE).split(cfg.minibatch_size):
             logp, logits, taps = action_logprobs(policy, ro.tokens[mb], ro.real[mb], (cfg.n_layer,))
             m = ro.act[mb]
-            values = value_of(value_head, taps[cfg.n_layer])
+            values = value_of(value_head, taps[cfg.n_layer]) if value_head is not None else ro.values[mb]
             pg_loss, v_loss, approx_kl, clipfrac = ppo_loss(logp, ro.logp[mb], adv[mb], values, ro.values[mb],
                                                            returns[mb], m, cfg.clip_coef)
             entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), m)
             loss = pg_loss - cfg.ent_coef * entropy
-            if cfg.advantage == "gae":
+            if value_head is not None:
                 loss = loss + cfg.vf_coef * v_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -927,14 +1006,18 @@ def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
     return dict(zip(("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac"), torch.stack(stats).mean(0).tolist()))
 
 
+MONITOR_SIZES = dict(harmful=48, scary_benign=16, benign=16)  # small: it is sampled every monitor_every iterations
+
+
 def monitor_prompts():
     """A small fixed set watched during PPO (logging only, never for choosing anything):
     harmful requests in held-out wrappers, held-out look-alikes and benign prompts, half of them wrapped."""
     rng = random.Random("monitor")
     wrapped = lambda p, i: world.wrap(rng, p, world.HELDOUT_WRAPPERS) if i % 2 else p
-    return ([world.harmful_prompt(rng, world.HELDOUT_WRAPPERS) for _ in range(48)] +
-            [wrapped(world.scary_prompt(rng, world.SCARY_HELDOUT), i) for i in range(16)] +
-            [wrapped(world.benign_prompt(rng), i) for i in range(16)])
+    n = MONITOR_SIZES
+    return ([world.harmful_prompt(rng, world.HELDOUT_WRAPPERS) for _ in range(n["harmful"])] +
+            [wrapped(world.scary_prompt(rng, world.SCARY_HELDOUT), i) for i in range(n["scary_benign"])] +
+            [wrapped(world.benign_prompt(rng), i) for i in range(n["benign"])])
 
 
 def headline(prompts, verdicts):
@@ -944,13 +1027,16 @@ def headline(prompts, verdicts):
     return dict(asr=rate("harmful", attacked), over_refusal=rate("scary_benign", refused), capability=rate("benign", helped))
 
 
+WARMUP_LR = 1e-2  # a fresh linear head on fixed features: a large step is safe
+
+
 def warm_up_value_head(value_head, ro, rewards, cfg):
     """GAE's value head starts from scratch, so its first advantages say "this prompt is hard" more than
     "this token was bad". Fit it first, alone, to this rollout's returns (λ = 1: the reward-to-go), then
     value the rollout again. -> the fitted loss."""
     with torch.no_grad():
         _, returns = gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
-    opt = torch.optim.Adam(value_head.parameters(), lr=1e-2)  # a fresh linear head on fixed features
+    opt = torch.optim.Adam(value_head.parameters(), lr=WARMUP_LR)
     for _ in range(cfg.value_warmup):
         loss = masked_mean((value_of(value_head, ro.final) - returns) ** 2, ro.act)
         opt.zero_grad(set_to_none=True)
@@ -960,12 +1046,15 @@ def warm_up_value_head(value_head, ro, rewards, cfg):
     return float(loss.detach())
 
 
-def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
-    """Rollout -> rewards -> advantages -> update. -> this iteration's row of the curves."""
-    ro = rollout(policy, value_head, reference, compass, cfg, it, timer)
+def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it):
+    """Rollout -> rewards -> advantages -> update. -> this iteration's row of the curves, and in it
+    the seconds of each phase (phase_seconds). value_head: None with GRPO."""
+    timer = Timer()
+    ro = rollout(policy, reference, compass, cfg, it, value_head)
+    timer.lap("rollout")
     with torch.no_grad():
         rewards, kl = total_rewards(ro, compass, cfg)
-    timer.lap("reward/taps")
+    timer.lap("reward")
     warm = {}
     if cfg.advantage == "gae" and cfg.value_warmup and it == 0:  # a resumed run starts past it
         warm = dict(value_warmup_loss=warm_up_value_head(value_head, ro, rewards, cfg))
@@ -975,14 +1064,15 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer):
             adv = whiten(adv, ro.act)
         else:
             adv = grpo_advantages(rewards, ro.act, cfg.group_size)
-            returns = ro.values  # no value target: the value head idles
+            returns = ro.values  # no value head, no value target
     guard(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")
     stats = ppo_update(policy, value_head, opt, ro, adv, returns, cfg, seeded(cfg.seed, "update", it))
     timer.lap("update")
     guard(stats["pg_loss"], "policy loss", it)
-    return dict(iteration=it, reward=float(rewards.sum(1).mean()), kl_ref=float(masked_mean(kl, ro.act)), **stats,
-                **warm, **{f"rollout_{k}": v for k, v in headline(ro.prompts, ro.verdicts).items()})
+    return dict(iteration=it, reward=float(rewards.sum(1).mean()), kl_rollout=float(masked_mean(kl, ro.act)), **stats,
+                **warm, **{f"rollout_{k}": v for k, v in headline(ro.prompts, ro.verdicts).items()},
+                phase_seconds=timer.seconds)
 
 
 def run_name(cfg):
@@ -996,42 +1086,49 @@ def ppo(cfg, out):
     compass = load_compass(out / "contrast.pt")
     policy, _ = load_model(out / "pretrain.pt", "pretrain")
     torch.manual_seed(cfg.seed)
-    value_head = nn.Sequential(nn.LayerNorm(cfg.n_embd), nn.Linear(cfg.n_embd, 1)).to(DEVICE)
-    opt = torch.optim.AdamW([dict(params=policy.parameters(), lr=cfg.ppo_lr, peak=cfg.ppo_lr),
-                             dict(params=value_head.parameters(), lr=cfg.vf_lr, peak=cfg.vf_lr)], weight_decay=0.0)
+    groups = [dict(params=policy.parameters(), lr=cfg.ppo_lr, peak=cfg.ppo_lr)]
+    value_head, heads = None, {}
+    if cfg.advantage == "gae":
+        value_head = make_value_head(cfg.n_embd)
+        groups.append(dict(params=value_head.parameters(), lr=cfg.vf_lr, peak=cfg.vf_lr))
+        heads = dict(value_head=value_head)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     resume_path = out / f"{name}.resume.pt"
-    start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0), dict(value_head=value_head))
+    start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0), heads)
     monitor = monitor_prompts()
-    t0, timer = time.time() - seconds, Timer()
+    t0, phase_seconds = time.time() - seconds, {}
     bar = tqdm(range(start, cfg.ppo_iters), desc=name, initial=start, total=cfg.ppo_iters)
     with GracefulStop() as stop:
         for it in bar:
             for group in opt.param_groups:  # CleanRL's anneal_lr: linear decay, the last iteration at peak/ppo_iters
                 group["lr"] = group["peak"] * (1 - it / cfg.ppo_iters)
-            row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it, timer)
+            row = ppo_iteration(policy, value_head, reference, compass, opt, cfg, it)
+            for k, v in row.pop("phase_seconds").items():
+                phase_seconds[k] = phase_seconds.get(k, 0.0) + v
             if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
                 verdicts = judge_all(monitor, complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))[3])
                 row |= dict(monitor_iteration=it, **{f"monitor_{k}": v for k, v in headline(monitor, verdicts).items()})
             for k, v in row.items():
                 curves.setdefault(k, []).append(v)
-            bar.set_postfix(reward=f"{row['reward']:+.2f}", kl=f"{row['kl_ref']:.3f}", asr=f"{row['rollout_asr']:.2f}")
+            bar.set_postfix(reward=f"{row['reward']:+.2f}", kl=f"{row['kl_rollout']:.3f}", asr=f"{row['rollout_asr']:.2f}")
             if ((it + 1) % cfg.save_every == 0 and it + 1 < cfg.ppo_iters) or stop.requested:
                 snapshot(resume_path, cfg, policy, opt, it + 1, dict(curves=curves, seconds=time.time() - t0),
-                         dict(value_head=value_head.state_dict()))
+                         {k: head.state_dict() for k, head in heads.items()})
             if stop.requested:
                 raise KeyboardInterrupt
     seconds = time.time() - t0
-    save_checkpoint(out / f"{name}.pt", name, cfg, model=policy.state_dict(), value_head=value_head.state_dict())
+    save_checkpoint(out / f"{name}.pt", name, cfg, model=policy.state_dict(),
+                    **{k: head.state_dict() for k, head in heads.items()})
     first = next((it for it, a in zip(curves["monitor_iteration"], curves["monitor_asr"]) if a <= 0.05), None)
     save_json(out / f"{name}.json", dict(config=asdict(cfg), inputs=stage_inputs(cfg, "ppo"), curves=curves,
                                          first_iteration_monitor_asr_le_0_05=first, seconds=seconds,
-                                         phase_seconds=timer.seconds))
+                                         phase_seconds=phase_seconds))
     resume_path.unlink(missing_ok=True)
-    print(f"{name}: {cfg.ppo_iters} iterations, reward {curves['reward'][-1]:+.2f}, KL {curves['kl_ref'][-1]:.3f}, "
+    print(f"{name}: {cfg.ppo_iters} iterations, reward {curves['reward'][-1]:+.2f}, KL {curves['kl_rollout'][-1]:.3f}, "
           f"monitor ASR {curves['monitor_asr'][-1]:.2f}, {seconds:.0f}s -> {out / (name + '.pt')}")
 
 
-# ============================================================================ 7. evaluation and the reasoning audit
+# ============================================================================ 9. evaluation and the reasoning audit
 # Decoding: one sample per prompt at temperature 1, from a fixed seed. Sampling, not greedy, so that
 # ASR is the share of the model's own distribution that a jailbreak reaches; the seed makes it repeatable.
 
@@ -1132,6 +1229,19 @@ def eval_inputs(cfg, ckpt):
     return dict(model=model_inputs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eval_sets=eval_set_hash())
 
 
+def read_user_prompts(path, cfg):
+    try:
+        prompts = world.read_prompts(path)
+    except ValueError as e:
+        raise CraftError(str(e)) from None
+    for i, p in enumerate(prompts, start=1):
+        n = len(encode(world.render(p.text)))
+        if n + cfg.max_new_tokens > cfg.block_size:
+            raise CraftError(f"{path}: prompt {i} is {n} tokens; with {cfg.max_new_tokens} new tokens it exceeds "
+                             f"the context of {cfg.block_size}")
+    return prompts
+
+
 def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None):
     ckpt = Path(ckpt) if ckpt else out / "pretrain.pt"
     model, ck_cfg = load_policy(ckpt)
@@ -1154,19 +1264,6 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None):
     return metrics
 
 
-def read_user_prompts(path, cfg):
-    try:
-        prompts = world.read_prompts(path)
-    except ValueError as e:
-        raise CraftError(str(e)) from None
-    for i, p in enumerate(prompts, start=1):
-        n = len(encode(world.render(p.text)))
-        if n + cfg.max_new_tokens > cfg.block_size:
-            raise CraftError(f"{path}: prompt {i} is {n} tokens; with {cfg.max_new_tokens} new tokens it exceeds "
-                             f"the context of {cfg.block_size}")
-    return prompts
-
-
 def print_table(metrics):
     for key, (k, n) in metrics["counts"].items():
         lo, hi = metrics["ci95"][key]
@@ -1182,7 +1279,7 @@ def audit_scores(reference, compass, tokens, real, new):
     layer = int(compass.layer)
     with autocast():
         h = reference(tokens, real=real, taps=(layer,))[2][layer]
-    s = compass.score(compass.project(h.float()))[0][new[0]]
+    s = compass.read(h.float())[0][new[0]]
     return [(ENC.decode([t]), float(x)) for t, x in zip(tokens[0][new[0]].tolist(), s.tolist())]
 
 
@@ -1219,44 +1316,7 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
     return pieces, verdict
 
 
-# ============================================================================ 8. figures, report, bench, demo
-
-PALETTE = dict(safe="#0072B2", rethink="#CC79A7", unsafe="#D55E00", scary_benign="#009E73", benign="#999999")
-
-
-def figure(*args, **kwargs):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.size": 14, "axes.titlesize": 16, "axes.labelsize": 14, "legend.fontsize": 12})
-    return plt.subplots(*args, **kwargs)
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    fig.clf()
-
-
-@torch.no_grad()
-def plot_latent(path, compass, panels):
-    """2-D PCA of the compass latent, one panel per (taps, title); axes fitted on the first panel."""
-    fig, axes = figure(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
-    basis = None
-    for ax, (taps, title) in zip(axes[0], panels):
-        z = compass.project(taps.h[int(compass.layer)].to(compass.prototypes.device)).cpu()
-        if basis is None:
-            mean = z.mean(0)
-            basis = torch.linalg.svd(z - mean, full_matrices=False).Vh[:2].T  # top-2 principal directions
-        xy = (z - mean) @ basis
-        groups = {c: (taps.family == 0) & (taps.kind == i) for i, c in enumerate(CLASSES)} | {"scary_benign": taps.family == 1}
-        for name, m in groups.items():
-            pts = xy[m][torch.randperm(int(m.sum()), generator=torch.Generator().manual_seed(0))[:600]]
-            ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.5, color=PALETTE[name], label=name)
-        ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
-        ax.legend(markerscale=3, loc="best")
-    save_figure(fig, path)
-
+# ============================================================================ 10. figures, report, bench, demo
 
 def plot_pretrain_loss(path, losses):
     fig, ax = figure(figsize=(9, 5))
@@ -1270,7 +1330,7 @@ def plot_ppo_curves(path, runs):
     fig, axes = figure(1, 3, figsize=(20, 5.5))
     for name, c in runs.items():
         axes[0].plot(c["iteration"], c["reward"], label=name, linewidth=2)
-        axes[1].plot(c["iteration"], c["kl_ref"], label=name, linewidth=2)
+        axes[1].plot(c["iteration"], c["kl_rollout"], label=name, linewidth=2)
         axes[2].plot(c["monitor_iteration"], c["monitor_asr"], label=name, linewidth=2, marker="o")
     for ax, title in zip(axes, ("mean total reward", "KL to reference (per token)", "monitor ASR (held-out wrappers)")):
         ax.set(title=title, xlabel="PPO iteration")
@@ -1312,18 +1372,6 @@ def plot_audit(path, prompt, pieces, verdict, name):
     ax.set_title(f"blue = safe, orange = unsafe;  judge: reasoning {verdict.reasoning}, answer {verdict.answer}",
                  fontsize=13)
     save_figure(fig, path)
-
-
-class Timer:
-    """Wall-clock seconds per named phase, accumulated: timer.lap('rollout') closes the phase 'rollout'."""
-
-    def __init__(self):
-        self.seconds, self.t = {}, time.perf_counter()
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
-        self.t = now
 
 
 def median_seconds(fn, repeats=5, warmup=2):
@@ -1406,14 +1454,14 @@ def bench(cfg, out):
     for advantage in ("gae", "grpo"):  # random weights: nearly every completion runs its full length
         pcfg = replace(cfg, **BENCH_PPO, advantage=advantage)
         policy, reference = GPT(pcfg.gpt(ENC.n_vocab)).to(DEVICE), GPT(pcfg.gpt(ENC.n_vocab)).to(DEVICE).eval()
-        value_head = nn.Sequential(nn.LayerNorm(pcfg.n_embd), nn.Linear(pcfg.n_embd, 1)).to(DEVICE)
+        value_head = make_value_head(pcfg.n_embd) if advantage == "gae" else None
         compass = Compass(pcfg.n_embd, pcfg.latent_dim, 2).to(DEVICE)
-        opt = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=1e-5)
-        timer = Timer()
-        ppo_iteration(policy, value_head, reference, compass, opt, pcfg, 0, timer)
-        total = sum(timer.seconds.values())
-        r[f"{advantage}_iteration_seconds"] = {k: round(v, 3) for k, v in timer.seconds.items()}
-        r[f"{advantage}_iteration_share"] = {k: round(v / total, 3) for k, v in timer.seconds.items()}
+        params = list(policy.parameters()) + (list(value_head.parameters()) if value_head else [])
+        row = ppo_iteration(policy, value_head, reference, compass, torch.optim.AdamW(params, lr=1e-5), pcfg, 0)
+        phases = row["phase_seconds"]
+        total = sum(phases.values())
+        r[f"{advantage}_iteration_seconds"] = {k: round(v, 3) for k, v in phases.items()}
+        r[f"{advantage}_iteration_share"] = {k: round(v / total, 3) for k, v in phases.items()}
         r["ppo_tokens_per_s" if advantage == "gae" else "grpo_tokens_per_s"] = pcfg.rollout_batch * pcfg.max_new_tokens / total
     n = 20000  # random hidden states with random labels: stage 1's cost does not depend on what they mean
     taps = Taps({1: torch.randn(n, cfg.n_embd)}, torch.randint(0, 2, (n,)) * UNSAFE, torch.randint(0, 3, (n,)),
@@ -1573,7 +1621,7 @@ def git_commit():
         return "unknown"
 
 
-# ============================================================================ 9. the command line
+# ============================================================================ 11. the command line
 
 USAGE = """usage: python craft.py COMMAND [--preset=micro|cpu|gpu] [--out=DIR] [--field=value ...]
 commands:

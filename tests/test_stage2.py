@@ -74,8 +74,8 @@ def rollout(micro, **changes):
     policy, _ = craft.load_model(micro / "pretrain.pt", "pretrain")
     reference, _ = craft.load_model(micro / "pretrain.pt", "pretrain")
     compass = craft.load_compass(micro / "contrast.pt")
-    value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
-    ro = craft.rollout(policy, value_head, reference, compass, cfg, 0, craft.Timer())
+    value_head = craft.make_value_head(cfg.n_embd) if cfg.advantage == "gae" else None
+    ro = craft.rollout(policy, reference, compass, cfg, 0, value_head)
     return ro, compass, cfg, policy, reference, value_head
 
 
@@ -113,10 +113,16 @@ def test_forced_prefix_tokens_are_not_actions(micro):
 def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     ro, compass, cfg, policy, reference, value_head = rollout(micro, advantage=advantage)
     before = [p.detach().clone() for p in policy.parameters()]
-    opt = torch.optim.AdamW(list(policy.parameters()) + list(value_head.parameters()), lr=1e-3)
-    row = craft.ppo_iteration(policy, value_head, reference, compass, opt, cfg, 0, craft.Timer())
+    params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    row = craft.ppo_iteration(policy, value_head, reference, compass, torch.optim.AdamW(params, lr=1e-3), cfg, 0)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("approx_kl", "pg_loss", "reward", "kl_ref"))
+    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("approx_kl", "pg_loss", "reward", "kl_rollout"))
+
+
+def test_grpo_saves_no_value_head(micro):
+    """The micro fixture's ppo run uses the default, GRPO: its checkpoint holds the policy only."""
+    ck = craft.load_checkpoint(micro / "ppo_latent.pt", "ppo")
+    assert "model" in ck and "value_head" not in ck
 
 
 def test_value_warmup_fits_the_first_rollouts_returns(micro):
@@ -126,7 +132,7 @@ def test_value_warmup_fits_the_first_rollouts_returns(micro):
         ro, compass, cfg, _, _, _ = rollout(micro, advantage="gae", value_warmup=steps)
         rewards, _ = craft.total_rewards(ro, compass, cfg)
         torch.manual_seed(0)
-        value_head = torch.nn.Sequential(torch.nn.LayerNorm(cfg.n_embd), torch.nn.Linear(cfg.n_embd, 1))
+        value_head = craft.make_value_head(cfg.n_embd)
         losses.append(craft.warm_up_value_head(value_head, ro, rewards, cfg))
     assert losses[1] < 0.5 * losses[0]
 

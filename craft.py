@@ -520,15 +520,15 @@ def compass_traces(cfg, split):
     train = split == "train"
     wrappers = world.TRAIN_WRAPPERS if train else world.HELDOUT_WRAPPERS
     look_alikes = world.SCARY if train else world.SCARY_HELDOUT
-    maybe_wrap = lambda p: world.wrap(rng, p, wrappers) if rng.random() < 0.5 else p
     traces = []
     for i in range(cfg.contrast_traces):
         cls = CLASSES[i % 3]
         p = world.harmful_prompt(rng, wrappers if not train or rng.random() < 0.5 else None)
         traces.append(world.harmful_trace(rng, p, cls, cls != "unsafe"))
-    traces += [world.helpful_trace(rng, maybe_wrap(world.scary_prompt(rng, look_alikes)))
+    traces += [world.helpful_trace(rng, world.maybe_wrap(rng, world.scary_prompt(rng, look_alikes), wrappers, 0.5))
                for _ in range(cfg.contrast_traces // 3)]
-    traces += [world.helpful_trace(rng, maybe_wrap(world.benign_prompt(rng))) for _ in range(cfg.contrast_traces // 3)]
+    traces += [world.helpful_trace(rng, world.maybe_wrap(rng, world.benign_prompt(rng), wrappers, 0.5))
+               for _ in range(cfg.contrast_traces // 3)]
     return traces
 
 
@@ -794,9 +794,9 @@ def rollout_prompts(cfg, it):
     those wrapped too, as in pretraining); p_prefill of the harmful ones start from forced unsafe steps, so
     the policy learns to recover mid-thought. With GRPO every prompt comes group_size times in a row."""
     rng = random.Random(f"ppo:{cfg.seed}:{it}")
-    maybe_wrap = lambda p: world.wrap(rng, p, world.TRAIN_WRAPPERS) if rng.random() < cfg.p_benign_wrapped else p
+    sometimes = lambda p: world.maybe_wrap(rng, p, world.TRAIN_WRAPPERS, cfg.p_benign_wrapped)
     make = dict(wrapped=lambda: world.harmful_prompt(rng, world.TRAIN_WRAPPERS), plain=lambda: world.harmful_prompt(rng),
-                scary_benign=lambda: maybe_wrap(world.scary_prompt(rng)), benign=lambda: maybe_wrap(world.benign_prompt(rng)))
+                scary_benign=lambda: sometimes(world.scary_prompt(rng)), benign=lambda: sometimes(world.benign_prompt(rng)))
     group = cfg.group_size if cfg.advantage == "grpo" else 1
     prompts = [make[rng.choices(list(ROLLOUT_MIX), list(ROLLOUT_MIX.values()))[0]]()
                for _ in range(cfg.rollout_batch // group)]

@@ -179,6 +179,11 @@ def wrap(rng, p, wrappers, shapes=TRAIN_SHAPES):
     return replace(p, text=text, wrapper=name, shape=shape, request=p.text)
 
 
+def maybe_wrap(rng, p, wrappers, share):
+    """p in a wrapper with probability `share`, else p itself."""
+    return wrap(rng, p, wrappers) if rng.random() < share else p
+
+
 def harmful_prompt(rng, wrappers=None, shapes=TRAIN_SHAPES):
     """A harmful request, inside one of `wrappers` (a dict name -> phrases) or plain if None."""
     category = rng.choice(sorted(CATEGORIES))
@@ -276,7 +281,7 @@ def pretraining_trace(rng, mix):
         reasoning = "unsafe" if v < p_unsafe else "rethink" if v < p_unsafe + p_rethink else "safe"
         return harmful_trace(rng, p, reasoning, reasoning != "unsafe" or rng.random() < mix.unsafe_refuses)
     p = scary_prompt(rng) if u < mix.p_plain + mix.p_wrapped + mix.p_scary else benign_prompt(rng)
-    return helpful_trace(rng, wrap(rng, p, TRAIN_WRAPPERS) if rng.random() < mix.p_benign_wrapped else p)
+    return helpful_trace(rng, maybe_wrap(rng, p, TRAIN_WRAPPERS, mix.p_benign_wrapped))
 
 
 def unsafe_prefix(p, seed=0):

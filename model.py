@@ -138,9 +138,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, real=None, end_token=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, taps=(), on_step=None):
         """Continue a batch of left-padded prompts. idx (B, T0); real (B, T0) True on real tokens.
         temperature 0 means greedy. Rows stop at end_token (they keep sampling, masked out).
+        on_step(tokens_in, hidden, nxt) -> nxt, if given, sees every step: the tokens that just went in
+        (the prompt first, then one token a step), their taps {layer: (B, T_in, C)} from that same forward
+        pass, and the sampled next tokens (B, 1); it may return other tokens to write instead.
         Returns tokens (B, T0 + n) and new (B, T0 + n): True on generated tokens up to and including the end."""
         if idx.size(1) + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new exceeds block_size "
@@ -152,10 +155,13 @@ class GPT(nn.Module):
         step_in = idx
         for _ in range(max_new_tokens):
             if use_cache:  # only the newest token goes in; the cache holds the rest
-                logits = self(step_in, real=real, cache=cache)[0][:, -1]
+                logits, _, hidden = self(step_in, real=real, cache=cache, taps=taps)
             else:  # recompute the whole sequence every step: the slow reference
-                logits = self(idx, real=real)[0][:, -1]
-            nxt = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+                logits, _, hidden = self(idx, real=real, taps=taps)
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+            if on_step is not None:
+                T_in = step_in.size(1)
+                nxt = on_step(step_in, {layer: h[:, -T_in:] for layer, h in hidden.items()}, nxt)
             idx, step_in = torch.cat([idx, nxt], dim=1), nxt
             real = torch.cat([real, torch.ones_like(nxt, dtype=torch.bool)], dim=1)
             new = torch.cat([new, alive[:, None]], dim=1)

@@ -12,6 +12,7 @@ def test_bench_writes_every_field_positive_and_finite(tmp_path, monkeypatch):
                f"--out={tmp_path}") == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     for key in ("kv_cache_speedup", "train_vs_baseline_ratio", "ppo_tokens_per_s", "grpo_tokens_per_s",
-                "train_tokens_per_s", "achieved_flops", "matmul_peak_flops", "stage1_tokens_per_s", "peak_memory_mb"):
+                "train_tokens_per_s", "achieved_flops", "matmul_peak_flops", "stage1_tokens_per_s", "peak_memory_mb",
+                "generate_tokens_per_s_monitored", "monitor_speed_ratio"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert set(r["gae_iteration_seconds"]) == {"rollout", "reward", "advantage", "update"}

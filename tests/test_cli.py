@@ -21,6 +21,8 @@ def bad_input_cases(micro, tmp):
     (tmp / "kind.jsonl").write_text('{"prompt": "hi", "kind": "weird"}\n')
     (tmp / "long.jsonl").write_text(json.dumps({"prompt": "word " * 300, "kind": "benign"}) + "\n")
     (tmp / "file").write_text("")
+    (tmp / "nocompass").mkdir()
+    (tmp / "nocompass" / "pretrain.pt").write_bytes((micro / "pretrain.pt").read_bytes())
     m = ["--preset=micro", f"--out={micro}"]
     return {  # case: (argv, what stderr must name)
         "unknown command": (["train"], "unknown command 'train'"),
@@ -44,6 +46,14 @@ def bad_input_cases(micro, tmp):
         "prompt longer than context": (["eval", *m, f"--prompts={tmp / 'long.jsonl'}"], "exceeds the context"),
         "unwritable out dir": (["pretrain", "--preset=micro", f"--out={tmp / 'file' / 'sub'}"], "cannot create output directory"),
         "bad index": (["audit", *m, "--index=99999"], "--index must be in"),
+        "unknown monitor action": (["eval", *m, "--monitor=block"], "--monitor must be one of flag, stop, steer"),
+        "unknown action": (["monitor", *m, "--action=nap"], "--action must be one of"),
+        "unknown filter": (["eval", *m, "--filter=regex"], "--filter must be keywords"),
+        "two guards": (["eval", *m, "--filter=keywords", "--monitor=stop"], "two guards"),
+        "bad fpr": (["monitor", *m, "--fpr=2"], "--fpr must be a number between 0 and 1, got '2'"),
+        "fpr not a number": (["eval", *m, "--monitor=flag", "--fpr=low"], "--fpr must be a number"),
+        "monitor without a compass": (["monitor", "--preset=micro", f"--out={tmp / 'nocompass'}"],
+                                      "contrast.pt: no such checkpoint"),
     }
 
 
@@ -134,12 +144,15 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     report = (out / "report.md").read_text()
     for key in list(json.loads((out / "eval_pretrain.json").read_text())["counts"]) + ["kl_ref"]:
         assert key in report, key
-    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_results", "fig_audit_before", "fig_audit_after"):
+    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_results", "fig_audit_before", "fig_audit_after",
+                "fig_monitor_pretrain"):
         assert (out / f"{fig}.png").stat().st_size > 0 and f"{fig}.png" in report
+    for row in ("base + filter", "base + monitor (stop)", "base + monitor (steer)", "latent + monitor (steer)"):
+        assert f"| {row} |" in report, row
     capsys.readouterr()
     assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
-    said = capsys.readouterr().out
-    assert said.count("up to date") == 7 and "[1/7] pretrain: up to date" in said
+    said = capsys.readouterr().out  # pretrain, contrast, 2 ppo, 3 evals, 4 guarded evals
+    assert said.count("up to date") == 11 and "[1/11] pretrain: up to date" in said
 
 
 def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path):

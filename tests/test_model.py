@@ -74,6 +74,22 @@ def test_one_by_one_equals_batched():
         assert torch.equal(alone[0, -10:], batched[i, -10:])
 
 
+def test_on_step_sees_each_token_with_its_taps_and_can_write_other_tokens():
+    m = tiny()
+    _, idx, real = left_padded_batch()
+    for use_cache in (True, False):
+        seen = []
+
+        def hook(tokens_in, hidden, nxt):
+            seen.append((tokens_in, hidden[1]))
+            return torch.full_like(nxt, 3) if len(seen) == 2 else nxt  # force token 3 at the second step
+        out, _ = m.generate(idx, 5, temperature=0, real=real, use_cache=use_cache, taps=(1,), on_step=hook)
+        assert (out[:, 8] == 3).all()
+        assert torch.equal(torch.cat([t for t, _ in seen], 1), out[:, :-1])  # every token went in once, in order
+        full = m(out, real=torch.cat([real, torch.ones(3, 5, dtype=torch.bool)], 1), taps=(1,))[2][1]
+        assert torch.allclose(torch.cat([h for _, h in seen], 1), full[:, :-1], atol=1e-5)
+
+
 def test_rows_stop_at_the_end_token():
     m = tiny()
     _, idx, real = left_padded_batch()

@@ -37,7 +37,8 @@ def test_nothing_held_out_appears_in_any_training_draw():
     held_shapes = [part.strip() for shape in world.HELDOUT_SHAPES.values()
                    for part in re.split(r"\{\w+\}", shape) if len(part.strip()) > 3]
     held_look_alikes = [request for request, *_ in world.SCARY_HELDOUT]
-    for text in held_texts + held_shapes + held_look_alikes:
+    reworded = [f"{verb} [HAZARD" for verbs in world.REWORDED_VERBS.values() for verb in verbs]
+    for text in held_texts + held_shapes + held_look_alikes + reworded:
         assert text not in corpus, text
     assert {p.shape for p in prompts} == {""} | set(world.TRAIN_SHAPES)
 
@@ -83,8 +84,10 @@ def test_eval_sets_are_committed_and_match_the_generator():
     assert {k: len(v) for k, v in sets.items()} == world.EVAL_SIZES
     fresh = world.make_eval_sets()
     assert all(vars(a) == vars(b) for name in sets for a, b in zip(sets[name], fresh[name]))
-    for name in ("heldout", "benign_wrapped", "scary_wrapped"):
+    for name in ("heldout", "benign_wrapped", "scary_wrapped", "obfuscated"):
         assert all(p.wrapper in world.HELDOUT_WRAPPERS for p in sets[name])
+    assert all(f"{p.verb} {p.target}" in p.text and p.verb in sum(world.REWORDED_VERBS.values(), [])
+               for p in sets["obfuscated"])
     assert all(p.shape in world.HELDOUT_SHAPES for p in sets["heldout_shape"])
     held = {help_text for *_, help_text in world.SCARY_HELDOUT}
     assert all(p.answer in held for p in sets["scary_heldout"] + sets["scary_wrapped"])

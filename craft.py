@@ -8,9 +8,9 @@ This file reads in the order the pipeline runs:
   1. config and presets                        7. rewards
   2. plumbing: checkpoints, resume, timing     8. stage 2: advantages and the PPO update (`ppo`)
   3. pretraining the base model (`pretrain`)   9. evaluation (`eval`) and the reasoning audit (`audit`)
-  4. sampling and judging completions         10. figures, report, bench, demo
-  5. stage 1: the safety compass (`contrast`) 11. the command line
-  6. stage 2: rollouts
+  4. sampling and judging completions         10. beyond training: a reasoning monitor and a keyword filter
+  5. stage 1: the safety compass (`contrast`) 11. figures, report, bench, demo
+  6. stage 2: rollouts                        12. the command line
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
 import hashlib
@@ -1344,7 +1344,7 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
     return pieces, verdict
 
 
-# ============================================================================ 10. beyond training: a monitor and a filter
+# ============================================================================ 10. beyond training: a reasoning monitor and a keyword filter
 # Alignment changes the model; a guard sits beside an unchanged one. Both act through generate's on_step.
 # The monitor reads the compass while the model thinks: a reasoning token's score comes from the same
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving

@@ -14,6 +14,7 @@ This file reads in the order the pipeline runs:
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -73,7 +74,7 @@ class Config:
     margin: float = 0.5  # η of that loss
     # stage 2: PPO
     reward: str = "latent"  # a key of REWARDS
-    advantage: str = "grpo"  # grpo (group-normalised returns) | gae (value head); lesson 11 compares them
+    advantage: str = "grpo"  # grpo (group baseline) | process (grpo, per-token credit) | gae (value head); lessons 10, 11
     latent_from: str = "reference"  # whose hidden states the compass reads: reference | policy
     ppo_iters: int = 24
     rollout_batch: int = 64  # completions per iteration
@@ -110,7 +111,7 @@ PRESETS = {
     "micro": Config(n_layer=2, n_head=2, n_embd=32, pretrain_steps=30, batch_size=16, contrast_traces=60,
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
-                    eval_batch=64),
+                    eval_batch=1024),
     "cpu": Config(),
     "gpu": Config(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000, batch_size=128, lr=1e-3,
                   contrast_traces=2000, contrast_steps=400, latent_dim=64, ppo_iters=60, rollout_batch=256,
@@ -137,7 +138,7 @@ def stage_inputs(cfg, stage):
         names += f
         if s == stage:
             break
-    return {n: getattr(cfg, n) for n in names}
+    return {n: getattr(cfg, n) for n in names} | (dict(reward_source=reward_source(cfg.reward)) if stage == "ppo" else {})
 
 
 class CraftError(Exception):
@@ -180,11 +181,11 @@ def validate(cfg):
                  "wrapped_rethink", "unsafe_refuses", "p_prefill", "gae_lambda", "gamma"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise CraftError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    choices = dict(reward=REWARDS, advantage=("gae", "grpo"), latent_from=("reference", "policy"))
+    choices = dict(reward=REWARDS, advantage=ADVANTAGES, latent_from=("reference", "policy"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise CraftError(f"--{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
-    if cfg.advantage == "grpo" and cfg.rollout_batch % cfg.group_size:
+    if cfg.advantage != "gae" and cfg.rollout_batch % cfg.group_size:
         raise CraftError(f"--rollout_batch={cfg.rollout_batch} must be a multiple of --group_size={cfg.group_size}")
     if cfg.block_size < 16 + cfg.max_new_tokens:
         raise CraftError(f"--block_size={cfg.block_size} leaves no room for a prompt (need >= 16 + max_new_tokens)")
@@ -798,7 +799,7 @@ def rollout_prompts(cfg, it):
     sometimes = lambda p: world.maybe_wrap(rng, p, world.TRAIN_WRAPPERS, cfg.p_benign_wrapped)
     make = dict(wrapped=lambda: world.harmful_prompt(rng, world.TRAIN_WRAPPERS), plain=lambda: world.harmful_prompt(rng),
                 scary_benign=lambda: sometimes(world.scary_prompt(rng)), benign=lambda: sometimes(world.benign_prompt(rng)))
-    group = cfg.group_size if cfg.advantage == "grpo" else 1
+    group = 1 if cfg.advantage == "gae" else cfg.group_size
     prompts = [make[rng.choices(list(ROLLOUT_MIX), list(ROLLOUT_MIX.values()))[0]]()
                for _ in range(cfg.rollout_batch // group)]
     prefixes = [world.unsafe_prefix(p, seed=it) if p.kind == "harmful" and rng.random() < cfg.p_prefill else ""
@@ -922,17 +923,64 @@ REWARDS = {"latent": latent_reward, "outcome": outcome_reward, "hybrid": hybrid_
            "consistency": consistency_reward, "paper": paper_reward}
 
 
+def load_reward_file(path):
+    """Run a user's Python file that adds its own functions to REWARDS (`craft.REWARDS["mine"] = mine`),
+    so that trying an idea never means editing this file (lesson 12)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CraftError(f"--reward_file={path}: no such file")
+    sys.modules.setdefault("craft", sys.modules[__name__])  # `import craft` in the file finds this very module
+    before = dict(REWARDS)
+    try:
+        code = compile(path.read_text(), str(path), "exec")
+    except SyntaxError as e:
+        raise CraftError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    try:
+        exec(code, {"__name__": path.stem, "__file__": str(path)})
+    except Exception as e:
+        raise CraftError(f"{path}: {type(e).__name__}: {e} (while loading the reward file)") from None
+    if REWARDS == before:
+        raise CraftError(f"{path}: adds no reward to REWARDS (craft.REWARDS['name'] = function)")
+
+
+def reward_source(name):
+    """A hash of a reward's source (and of a functools.partial's arguments), so that demo never reuses a
+    run of a reward whose code has changed since. Helpers it calls are not part of it."""
+    fn = REWARDS[name]
+    try:
+        text = inspect.getsource(getattr(fn, "func", fn)) + repr((getattr(fn, "args", ()), getattr(fn, "keywords", {})))
+    except (OSError, TypeError):
+        text = repr(fn)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checked_reward(ro, compass, cfg):
+    """REWARDS[cfg.reward] on this rollout, checked: one finite value per token, shape (B, T)."""
+    r = REWARDS[cfg.reward](ro, compass, cfg)
+    if not isinstance(r, torch.Tensor) or r.shape != ro.act.shape:
+        got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+        raise CraftError(f"reward {cfg.reward!r} returned {got}; a reward gives one value per token, shape "
+                         f"(B, T) = {tuple(ro.act.shape)}")
+    if not torch.isfinite(r).all():
+        raise CraftError(f"reward {cfg.reward!r} returned a value that is not finite (nan or inf)")
+    return r
+
+
 def total_rewards(ro, compass, cfg):
-    """r_t = reward_t + task reward at the end − β (log π(a_t) − log π_ref(a_t)), on actions only.
+    """r_t = reward_t + task reward at the end − β (log π(a_t) − log π_ref(a_t)), on actions only; the KL
+    penalty stays out with --advantage=process, which puts it in the loss instead (ppo_update).
     -> rewards (B, T) and the per-token KL estimate (B, T)."""
     kl = (ro.logp - ro.logp_ref) * ro.act
-    r = REWARDS[cfg.reward](ro, compass, cfg) + at_last(ro, task_reward(ro))
-    return r * ro.act - cfg.kl_coef * kl, kl
+    r = (checked_reward(ro, compass, cfg) + at_last(ro, task_reward(ro))) * ro.act
+    return (r if cfg.advantage == "process" else r - cfg.kl_coef * kl), kl
 
 
 # ============================================================================ 8. stage 2: PPO
 # CleanRL's order: rollout -> rewards -> advantages (GAE, or GRPO's group baseline) -> epochs of
 # shuffled minibatches of the clipped objective -> early stop at target_kl.
+
+ADVANTAGES = ("grpo", "process", "gae")
+
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -953,11 +1001,27 @@ def gae_advantages(rewards, values, mask, gamma, lam):
 
 
 def grpo_advantages(rewards, mask, group_size):
-    """GRPO: A = (R − mean of its group) / std of its group, R the completion's total reward,
-    the same A on every action of the completion."""
+    """GRPO: A = (R − mean of its group) / std of its group, R the completion's total reward, the same A on
+    every action of the completion (a per-token reward is summed first: lesson 10)."""
     R = rewards.sum(1).view(-1, group_size)
     A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-6)
     return A.view(-1, 1) * mask
+
+
+def process_advantages(rewards, mask, group_size):
+    """Process-supervised GRPO (DeepSeekMath §4.1.3), rows of a group next to each other. The rewards given
+    in a group (each completion's last action, and every action with a reward of its own) are normalised
+    together, r̃ = (r − mean) / std, and action t gets the sum of its completion's r̃ from t to the end.
+    With a reward on the last action only, that is outcome GRPO: A = (R − mean R) / std R on every action."""
+    B, T = rewards.shape
+    given = (rewards != 0) & mask
+    given[torch.arange(B), (mask * torch.arange(T, device=mask.device)).argmax(1)] = True  # each last action
+    r, g = rewards.reshape(-1, group_size * T), given.reshape(-1, group_size * T)  # one row per group
+    n = g.sum(1, keepdim=True)
+    mean = (r * g).sum(1, keepdim=True) / n
+    std = ((r - mean) ** 2 * g).sum(1, keepdim=True).div((n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+    normalised = ((r - mean) / (std + 1e-6) * g).view(B, T)
+    return normalised.flip(1).cumsum(1).flip(1) * mask  # A_t = Σ_{s ≥ t} r̃_s
 
 
 def whiten(adv, mask):
@@ -997,6 +1061,9 @@ def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
             loss = pg_loss - cfg.ent_coef * entropy
             if value_head is not None:
                 loss = loss + cfg.vf_coef * v_loss
+            elif cfg.advantage == "process":  # the KL penalty in the loss: β · k3, k3 = π_ref/π − log(π_ref/π) − 1
+                log_ratio = ro.logp_ref[mb] - logp
+                loss = loss + cfg.kl_coef * masked_mean(log_ratio.exp() - log_ratio - 1, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], cfg.max_grad_norm)
@@ -1064,7 +1131,7 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it):
             adv, returns = gae_advantages(rewards, ro.values, ro.act, cfg.gamma, cfg.gae_lambda)
             adv = whiten(adv, ro.act)
         else:
-            adv = grpo_advantages(rewards, ro.act, cfg.group_size)
+            adv = (process_advantages if cfg.advantage == "process" else grpo_advantages)(rewards, ro.act, cfg.group_size)
             returns = ro.values  # no value head, no value target
     guard(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")
@@ -1077,7 +1144,7 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it):
 
 
 def run_name(cfg):
-    return f"ppo_{cfg.reward}" + ("_gae" if cfg.advantage == "gae" else "") + ("_self" if cfg.latent_from == "policy" else "")
+    return f"ppo_{cfg.reward}" + ("" if cfg.advantage == "grpo" else f"_{cfg.advantage}") + ("_self" if cfg.latent_from == "policy" else "")
 
 
 def ppo(cfg, out):
@@ -1194,7 +1261,8 @@ def evaluate(model, reference, cfg, sets, guard=None):
                   over_refusal_wrapped=count(v["scary_wrapped"], refused), capability=count(v["benign"], helped),
                   capability_wrapped=count(v["benign_wrapped"], helped), prefill_recovery=count(v["prefill"], recovered),
                   **{f"malformed_{name}": count(vs, malformed) for name, vs in v.items()})
-    return with_intervals(counts, dict(kl_ref=kl[0] / max(kl[1], 1)))
+    verdicts = {name: [[x.reasoning, x.answer] for x in vs] for name, vs in v.items()}  # for paired per-prompt tests
+    return with_intervals(counts, dict(kl_ref=kl[0] / max(kl[1], 1), verdicts=verdicts))
 
 
 def evaluate_user_prompts(model, cfg, prompts, guard=None):
@@ -1268,13 +1336,14 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
         default = out / f"eval_{name}.json"
     if guard in ACTIONS:
         compass = load_compass(out / "contrast.pt")
-        watching = Monitor(compass, calibrate(model, compass, cfg, fpr), "flag")  # changes nothing: detection
-        acting = watching if guard == "flag" else Monitor(compass, watching.threshold, guard)
-        metrics = run(acting)
-        if acting is not watching:
-            run(watching)
+        key = (str(ckpt), ckpt.stat().st_mtime_ns, (out / "contrast.pt").stat().st_mtime_ns, repr(cfg), fpr, prompts_file)
+        if key not in FLAG_RUNS:  # the detection numbers come from a run that changes nothing
+            watching = Monitor(compass, calibrate(model, compass, cfg, fpr), "flag")
+            FLAG_RUNS[key] = watching, run(watching)
+        watching, flagged = FLAG_RUNS[key]
+        metrics = flagged if guard == "flag" else run(Monitor(compass, watching.threshold, guard))
         counts, extra = detection(watching)
-        metrics = with_intervals(metrics["counts"] | counts, {k: metrics[k] for k in ("kl_ref",) if k in metrics} | extra)
+        metrics = with_intervals(metrics["counts"] | counts, {k: metrics[k] for k in ("kl_ref", "verdicts") if k in metrics} | extra)
         plot_monitor(out / f"fig_monitor_{ckpt.stem}.png", watching)
     else:
         metrics = run(KeywordFilter if guard == "filter" else None)
@@ -1286,6 +1355,9 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
     print(f"eval {name}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in list(metrics["counts"])[:4]) +
           f", {metrics['seconds']:.0f}s -> {path}")
     return metrics
+
+
+FLAG_RUNS = {}  # one flag-only run per model, compass and setting, shared by its actions (demo runs two)
 
 
 def guard_suffix(guard):
@@ -1348,12 +1420,12 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
 # Alignment changes the model; a guard sits beside an unchanged one. Both act through generate's on_step.
 # The monitor reads the compass while the model thinks: a reasoning token's score comes from the same
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving
-# average of the score over the reasoning so far, and it acts once, where that average first falls below a
-# threshold calibrated on stage 1's validation traces: flag (record only), stop (end the reasoning and
+# average of the score over the reasoning so far, and it acts once, where that average first falls below
+# a threshold calibrated on stage 1's validation traces: flag (record only), stop (end the reasoning and
 # refuse), steer (write the world's catch step, so a plan becomes a rethink). The short average keeps one
-# garbled token from firing it; acting on its minimum so far is max-pooling unsafety over the tokens (a mean
-# over all of them lets a long safe start hide a late plan; Chrabąszcz et al. 2026). The keyword filter is the naive deployed
-# alternative: it refuses every prompt with a dangerous word, before the model has read anything.
+# garbled token from firing it; acting on its minimum so far is max-pooling unsafety over the tokens (a
+# mean over all of them lets a long safe start hide a late plan; Chrabąszcz et al. 2026). The keyword
+# filter is the naive deployed alternative: it refuses every prompt with a dangerous word, unread.
 
 ACTIONS = ("flag", "stop", "steer")
 MONITOR_EMA = 0.5  # α, the newest token's weight: halved the false flags of the plain running minimum (lesson 13)
@@ -1426,7 +1498,8 @@ class Watch:
             if m.action == "stop":
                 self.queue[b] = encode(STOP_TEXT)
             elif m.action == "steer":
-                catch = world.CATCH_STEPS[0].format(target=self.prompts[b].target) if self.prompts[b].target else world.CATCH_STEPS[1]
+                target = self.prompts[b].target  # a user's own prompt may name none
+                catch = world.CATCH_STEPS[0].format(target=target) if target else world.CATCH_STEPS[1]
                 mid_step = not ENC.decode([int(tokens_in[b, -1])]).endswith(".")  # a half-written step ends first
                 self.queue[b] = encode(("." if mid_step else "") + " " + catch)
         return write_queued(self.queue, nxt)
@@ -1711,12 +1784,7 @@ def demo(cfg, out, fresh=False, rewards=None):
     rewards = rewards or list(REWARDS)
     runs = [replace(cfg, reward=r) for r in rewards]
     names = [run_name(c) for c in runs]
-    steps = [("pretrain", lambda: stage_inputs(cfg, "pretrain"), lambda: pretrain(cfg, out)),
-             ("contrast", lambda: stage_inputs(cfg, "contrast"), lambda: contrast(cfg, out))]
-    steps += [(run_name(c), lambda c=c: stage_inputs(c, "ppo"), lambda c=c: ppo(c, out)) for c in runs]
-    steps += [(f"eval_{n}{guard_suffix(g)}", lambda n=n, g=g: eval_inputs(cfg, out / f"{n}.pt", g),
-               lambda n=n, g=g: eval_cmd(cfg, out, out / f"{n}.pt", guard=g))
-              for n, g in [("pretrain", None)] + [(n, None) for n in names] + guarded_evals(names)]
+    steps = stage_steps(cfg, out, runs, [("pretrain", None)] + [(n, None) for n in names] + guarded_evals(names))
     t0 = time.time()
     for k, (name, inputs, run) in enumerate(steps, start=1):
         if not fresh and up_to_date(out / f"{name}.json", inputs()):
@@ -1725,6 +1793,16 @@ def demo(cfg, out, fresh=False, rewards=None):
         print(f"[{k}/{len(steps)}] {name}")
         run()
     write_report(cfg, out, names, time.time() - t0)
+
+
+def stage_steps(cfg, out, runs, evals):
+    """What demo and sweep run, in order, as (name, inputs, run): pretrain, contrast, one PPO run per config
+    in `runs`, one eval per (checkpoint name, guard) in `evals`. A step whose JSON records the same inputs is reused."""
+    steps = [("pretrain", lambda: stage_inputs(cfg, "pretrain"), lambda: pretrain(cfg, out)),
+             ("contrast", lambda: stage_inputs(cfg, "contrast"), lambda: contrast(cfg, out))]
+    steps += [(run_name(c), lambda c=c: stage_inputs(c, "ppo"), lambda c=c: ppo(c, out)) for c in runs]
+    return steps + [(f"eval_{n}{guard_suffix(g)}", lambda n=n, g=g: eval_inputs(cfg, out / f"{n}.pt", g),
+                     lambda n=n, g=g: eval_cmd(cfg, out, out / f"{n}.pt", guard=g)) for n, g in evals]
 
 
 def shown_policy(names):
@@ -1877,6 +1955,111 @@ def jailbroken_example(cfg, out):
     return 0
 
 
+# One seed is an anecdote: differences of a few points between rewards move from seed to seed (lesson 11).
+# `sweep` runs every reward × advantage on several seeds and reports means with 95% intervals over seeds,
+# and each combination's per-seed difference from a baseline reward, paired on the same seed (same base
+# model, compass and rollout prompts), which removes the seed-to-seed variation the two share.
+
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
+         20: 2.09, 30: 2.04}  # Student's t quantile 0.975 by degrees of freedom
+
+
+def mean_interval(values):
+    """Mean and 95% t-interval over seeds: x̄ ± t(0.975, n−1) · s / √n, s the sample std (n − 1);
+    between table rows, the t of fewer degrees of freedom (wider). One value has no interval."""
+    n, m = len(values), sum(values) / len(values)
+    if n == 1:
+        return m, [m, m]
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = T_975[max(d for d in T_975 if d <= n - 1)] * s / math.sqrt(n)
+    return m, [m - half, m + half]
+
+
+def asr_area(curves):
+    """Area under the monitor-ASR curve over the iterations where it was measured (trapezoids), divided by
+    their span: the run's mean ASR, lower when ASR falls sooner."""
+    x, y = curves["monitor_iteration"], curves["monitor_asr"]
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)) / max(x[-1] - x[0], 1)
+
+
+SWEEP_KEYS = ("asr_heldout", "asr_heldout_shape", "safe_heldout", "prefill_recovery", "over_refusal_wrapped",
+              "capability", "capability_wrapped", "kl_ref", "iterations_to_asr_0_05", "asr_area")  # sweep.md's columns
+
+
+def sweep(cfg, out, rewards, advantages, seeds, baseline):
+    """Every reward × advantage × seed, seed S in out/seed_S (its pretrain and contrast shared by its runs),
+    every finished stage reused, so a killed sweep reruns only what is missing; then sweep.json, sweep.md
+    and fig_sweep.png."""
+    t0 = time.time()
+    combos = [replace(cfg, reward=r, advantage=a) for a in advantages for r in rewards]
+    steps = []
+    for seed in seeds:
+        runs = [replace(c, seed=seed) for c in combos]
+        steps += [(out / f"seed_{seed}", step) for step in stage_steps(runs[0], output_dir(out / f"seed_{seed}"), runs,
+                                                                       [(run_name(c), None) for c in runs])]
+    for directory, (name, inputs, run) in tqdm(steps, desc="sweep"):
+        if not up_to_date(directory / f"{name}.json", inputs()):
+            run()
+    read = lambda seed, name: json.loads((out / f"seed_{seed}" / f"{name}.json").read_text())
+    values, curves = {}, {}
+    for c in combos:
+        name, per_seed = run_name(c), []
+        for seed in seeds:
+            m, run = read(seed, f"eval_{run_name(c)}"), read(seed, run_name(c))
+            first = run["first_iteration_monitor_asr_le_0_05"]
+            per_seed.append({k: m[k] for k in m["counts"]} | dict(kl_ref=m["kl_ref"], asr_area=asr_area(run["curves"]),
+                            iterations_to_asr_0_05=cfg.ppo_iters if first is None else first))
+            curves.setdefault(name, []).append(run["curves"])
+        values[name] = {k: [row[k] for row in per_seed] for k in per_seed[0]}
+    summary = lambda vs: dict(zip(("mean", "ci95"), mean_interval(vs))) | dict(per_seed=vs)
+    results = {name: {k: summary(vs) for k, vs in keys.items()} for name, keys in values.items()}
+    paired = {}
+    for c in combos:
+        name, base = run_name(c), run_name(replace(c, reward=baseline))
+        if c.reward != baseline:
+            paired[name] = {k: summary([a - b for a, b in zip(vs, values[base][k])]) for k, vs in values[name].items()}
+    seconds = time.time() - t0
+    save_json(out / "sweep.json", dict(seeds=seeds, baseline=baseline, config=asdict(cfg), results=results,
+                                       paired_differences=paired, seconds=seconds))
+    plot_sweep(out / "fig_sweep.png", curves)
+    cell = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+    table = lambda rows: "\n".join(f"| {n} | " + " | ".join(cell(r[k]) for k in SWEEP_KEYS) + " |" for n, r in rows.items())
+    header = "| run | " + " | ".join(SWEEP_KEYS) + " |\n|" + "---|" * (len(SWEEP_KEYS) + 1)
+    text = f"""# Sweep: {', '.join(rewards)} × {', '.join(advantages)} × seeds {', '.join(map(str, seeds))}
+
+`python craft.py sweep` at commit `{git_commit()}`, {seconds:.0f} s. Each cell: mean over {len(seeds)} seeds and
+its 95% t-interval. `iterations_to_asr_0_05`: PPO iterations until the monitor set's ASR first reached ≤ 0.05
+({cfg.ppo_iters} if never); `asr_area`: the mean monitor-set ASR over training. Every eval key is in `sweep.json`.
+
+{header}
+{table(results)}
+
+## Paired differences from `{baseline}` (same seed, same advantage)
+
+An interval that excludes 0 is a difference the seeds agree on; one that straddles 0 is not a finding.
+
+{header}
+{table(paired)}
+
+![monitor ASR per iteration](fig_sweep.png)
+"""
+    atomic_write(out / "sweep.md", lambda f: Path(f).write_text(text))
+    print(f"sweep: {len(combos)} runs x {len(seeds)} seeds, {seconds:.0f}s -> {out / 'sweep.md'}")
+
+
+def plot_sweep(path, curves):
+    """Monitor-set ASR per iteration: the mean over seeds, and a band from the lowest to the highest seed."""
+    fig, ax = figure(figsize=(10, 5.5))
+    for name, runs in curves.items():
+        x, ys = runs[0]["monitor_iteration"], torch.tensor([c["monitor_asr"] for c in runs])
+        ax.plot(x, ys.mean(0), linewidth=2, marker="o", label=name)
+        ax.fill_between(x, ys.min(0).values, ys.max(0).values, alpha=0.2)
+    ax.set(title=f"monitor-set ASR per PPO iteration ({len(ys)} seeds: mean, band = lowest to highest)",
+           xlabel="PPO iteration", ylabel="ASR (held-out wrappers)", ylim=(0, 1))
+    ax.legend()
+    save_figure(fig, path)
+
+
 def git_commit():
     head = Path(__file__).parent / ".git" / "HEAD"
     try:
@@ -1893,15 +2076,18 @@ commands:
   demo      every stage, then DIR/report.md          [--fresh] [--rewards=latent,outcome,...]
   pretrain  train the jailbreakable base model        -> pretrain.pt, pretrain.json
   contrast  stage 1: the safety compass               -> contrast.pt, contrast.json, latent_before.png
-  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_gae][_self].pt/.json
+  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_process|_gae][_self].pt/.json
+                                                      [--reward_file=PATH.py: rewards of your own, for ppo and demo]
   eval      metrics of a checkpoint                   [--ckpt=PATH] [--json=PATH] [--prompts=FILE.jsonl]
                                                       [--filter=keywords | --monitor=flag|stop|steer [--fpr=0.01]]
   monitor   eval with the reasoning monitor on        [--ckpt=PATH] [--action=flag|stop|steer] [--fpr=0.01]
   audit     one completion, token by token            [--ckpt=PATH] [--prompt=TEXT | --index=N]
   bench     speed and memory of the hot paths         -> bench.json
+  sweep     rewards x advantages x seeds, intervals   [--rewards=latent,paper] [--advantages=grpo,gae] [--seeds=0-2]
+                                                      [--baseline=latent] -> sweep.md, sweep.json, fig_sweep.png
 fields: """ + " ".join(f"--{f.name}" for f in fields(Config))
 FLAGS = ("preset", "out", "ckpt", "json", "prompts", "prompt", "index", "rewards", "fresh", "filter", "monitor",
-         "action", "fpr")
+         "action", "fpr", "reward_file", "advantages", "seeds", "baseline")
 
 
 def parse_args(argv):
@@ -1930,6 +2116,8 @@ def parse_args(argv):
             flags[key] = value
         else:
             overrides.append(arg)
+    if "reward_file" in flags:  # before the config, whose --reward may name one of its rewards
+        load_reward_file(flags["reward_file"])
     preset = flags.get("preset", "cpu")
     if preset not in PRESETS:
         raise CraftError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -1959,7 +2147,29 @@ def parse_args(argv):
         unknown = [r for r in flags["rewards"] if r not in REWARDS]
         if unknown:
             raise CraftError(f"unknown reward {unknown[0]!r}; rewards: {', '.join(REWARDS)}")
+    if command == "sweep":
+        parse_sweep_flags(flags)
     return command, cfg, flags
+
+
+def parse_sweep_flags(flags):
+    """--rewards, --advantages, --seeds (0-4 or 0,2,5) and --baseline of a sweep, with their defaults."""
+    flags.setdefault("rewards", ["latent", "paper"])
+    flags["advantages"] = flags.get("advantages", "grpo").split(",")
+    if any(a not in ADVANTAGES for a in flags["advantages"]):
+        raise CraftError(f"--advantages must be among {', '.join(ADVANTAGES)}, got {','.join(flags['advantages'])!r}")
+    text = flags.get("seeds", "0-2")
+    try:
+        first, dash, last = text.partition("-")
+        seeds = list(range(int(first), int(last) + 1)) if dash else [int(x) for x in text.split(",")]
+    except ValueError:
+        raise CraftError(f"--seeds must be a range like 0-4 or a list like 0,2,5, got {text!r}") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise CraftError(f"--seeds must name each seed once, got {text!r}")
+    flags["seeds"] = seeds
+    flags.setdefault("baseline", "latent" if "latent" in flags["rewards"] else flags["rewards"][0])
+    if flags["baseline"] not in flags["rewards"]:
+        raise CraftError(f"--baseline={flags['baseline']} must be one of --rewards ({', '.join(flags['rewards'])})")
 
 
 def output_dir(path):
@@ -1984,6 +2194,7 @@ COMMANDS = {
                                             f.get("action", "stop"), f.get("fpr", 0.01)),
     "audit": lambda cfg, out, f: audit(cfg, out, f.get("ckpt"), f.get("prompt"), f.get("index")),
     "bench": lambda cfg, out, f: bench(cfg, out),
+    "sweep": lambda cfg, out, f: sweep(cfg, out, f["rewards"], f["advantages"], f["seeds"], f["baseline"]),
 }
 
 

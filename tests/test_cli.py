@@ -24,6 +24,14 @@ def bad_input_cases(micro, tmp):
     (tmp / "nocompass").mkdir()
     (tmp / "nocompass" / "pretrain.pt").write_bytes((micro / "pretrain.pt").read_bytes())
     m = ["--preset=micro", f"--out={micro}"]
+    rewards = {"syntax.py": "def f(:\n", "raises.py": "raise ValueError('boom')\n", "nothing.py": "x = 1\n",
+               "shapes.py": "import craft, torch\n"
+                            "craft.REWARDS['per_row'] = lambda ro, compass, cfg: torch.zeros(len(ro.tokens))\n"
+                            "craft.REWARDS['column'] = lambda ro, compass, cfg: torch.zeros(len(ro.tokens), 1)\n"
+                            "craft.REWARDS['nan'] = lambda ro, compass, cfg: torch.full(ro.act.shape, float('nan'))\n"}
+    for name, text in rewards.items():
+        (tmp / name).write_text(text)
+    shapes = ["ppo", *m, f"--reward_file={tmp / 'shapes.py'}"]
     return {  # case: (argv, what stderr must name)
         "unknown command": (["train"], "unknown command 'train'"),
         "unknown preset": (["pretrain", "--preset=huge"], "unknown preset 'huge'"),
@@ -46,6 +54,16 @@ def bad_input_cases(micro, tmp):
         "prompt longer than context": (["eval", *m, f"--prompts={tmp / 'long.jsonl'}"], "exceeds the context"),
         "unwritable out dir": (["pretrain", "--preset=micro", f"--out={tmp / 'file' / 'sub'}"], "cannot create output directory"),
         "bad index": (["audit", *m, "--index=99999"], "--index must be in"),
+        "sweep advantages": (["sweep", *m, "--advantages=ppo"], "--advantages must be among grpo, process, gae"),
+        "sweep seeds": (["sweep", *m, "--seeds=a-b"], "--seeds must be a range like 0-4"),
+        "sweep baseline": (["sweep", *m, "--rewards=latent,paper", "--baseline=outcome"], "--baseline=outcome must be one of"),
+        "reward file missing": (["ppo", *m, f"--reward_file={tmp / 'none.py'}"], "none.py: no such file"),
+        "reward file syntax error": (["ppo", *m, f"--reward_file={tmp / 'syntax.py'}"], "syntax.py:1: syntax error"),
+        "reward file raises": (["ppo", *m, f"--reward_file={tmp / 'raises.py'}"], "ValueError: boom"),
+        "reward file adds nothing": (["ppo", *m, f"--reward_file={tmp / 'nothing.py'}"], "adds no reward"),
+        "reward of one value per row": ([*shapes, "--reward=per_row"], "reward 'per_row' returned (8,); a reward gives"),
+        "reward of shape (B, 1)": ([*shapes, "--reward=column"], "reward 'column' returned (8, 1)"),
+        "reward not finite": ([*shapes, "--reward=nan"], "reward 'nan' returned a value that is not finite"),
         "unknown monitor action": (["eval", *m, "--monitor=block"], "--monitor must be one of flag, stop, steer"),
         "unknown action": (["monitor", *m, "--action=nap"], "--action must be one of"),
         "unknown filter": (["eval", *m, "--filter=regex"], "--filter must be keywords"),
@@ -57,13 +75,32 @@ def bad_input_cases(micro, tmp):
     }
 
 
-def test_bad_input_matrix(micro, tmp_path, capsys):
+def test_bad_input_matrix(micro, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(craft, "REWARDS", dict(craft.REWARDS))  # reward files register here, not for later tests
     before = sorted(p.name for p in micro.iterdir())
     for case, (argv, message) in bad_input_cases(micro, tmp_path).items():
         assert run(*argv) == 2, case
-        err = capsys.readouterr().err.strip().splitlines()
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line]  # not tqdm's bars
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (case, err)
     assert sorted(p.name for p in micro.iterdir()) == before  # nothing half-written
+
+
+def test_a_reward_file_trains_and_an_edit_of_it_is_never_reused(micro, tmp_path, monkeypatch):
+    monkeypatch.setattr(craft, "REWARDS", dict(craft.REWARDS))
+    for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
+        (tmp_path / name).write_bytes((micro / name).read_bytes())
+    mine = tmp_path / "mine.py"
+    mine.write_text("import craft\n\ndef penalty(ro, compass, cfg):\n"
+                    "    return 0.5 * craft.latent_reward(ro, compass, cfg).clamp(max=0)\n\n"
+                    "craft.REWARDS['penalty'] = penalty\n")
+    assert run("ppo", "--preset=micro", f"--out={tmp_path}", f"--reward_file={mine}", "--reward=penalty") == 0
+    inputs = json.loads((tmp_path / "ppo_penalty.json").read_text())["inputs"]
+    cfg = craft.replace(craft.PRESETS["micro"], reward="penalty")
+    assert craft.up_to_date(tmp_path / "ppo_penalty.json", craft.stage_inputs(cfg, "ppo"))
+    mine.write_text(mine.read_text().replace("0.5 *", "2.0 *"))
+    craft.load_reward_file(mine)
+    assert inputs["reward_source"] != craft.reward_source("penalty")
+    assert not craft.up_to_date(tmp_path / "ppo_penalty.json", craft.stage_inputs(cfg, "ppo"))
 
 
 def test_bad_input_in_a_real_process_has_no_traceback():
@@ -83,11 +120,12 @@ def test_every_config_field_belongs_to_one_stage_or_is_a_runtime_setting():
     assert sorted(listed) == sorted(names)
 
 
-def test_eval_is_deterministic(micro, tmp_path):
-    for name in ("a", "b"):
-        assert run("eval", "--preset=micro", f"--out={micro}", f"--json={tmp_path / name}.json") == 0
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    a.pop("seconds"), b.pop("seconds")
+def test_eval_is_deterministic(micro, micro_demo, tmp_path):
+    """An eval of the base model equals the demo's eval of the same checkpoint, made earlier in this session."""
+    assert run("eval", "--preset=micro", f"--out={micro}", f"--json={tmp_path / 'a.json'}") == 0
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((micro_demo / "eval_pretrain.json").read_text())
+    for m in (a, b):
+        m.pop("seconds"), m.pop("ckpt")
     assert a == b
     keys = ["asr_heldout", "asr_train_wrappers", "asr_plain", "reasoning_asr_heldout", "answer_asr_heldout",
             "ssa_heldout", "over_refusal", "capability", "prefill_recovery"]

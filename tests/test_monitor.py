@@ -1,4 +1,5 @@
 """The reasoning monitor and the keyword filter (craft.py section 10), on the session's micro models."""
+import json
 import math
 import re
 
@@ -6,7 +7,6 @@ import pytest
 import torch
 
 import craft
-from conftest import run
 from data import world
 from data.judge import Verdict
 
@@ -128,16 +128,15 @@ def test_first_plan_token_points_at_the_first_plan_step():
     assert craft.first_plan_token(craft.encode(" " + steps[0])) is None
 
 
-def test_monitor_and_filter_commands_write_their_keys(micro, tmp_path):
-    for args, name, guard in ((["monitor", "--action=steer"], "eval_pretrain_monitor_steer", "steer"),
-                              (["eval", "--filter=keywords"], "eval_pretrain_filter", "filter")):
-        out = tmp_path / name
-        out.mkdir()
-        for f in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
-            (out / f).write_bytes((micro / f).read_bytes())
-        assert run(*args, "--preset=micro", f"--out={out}") == 0
-        metrics = craft.json.loads((out / f"{name}.json").read_text())
+def test_the_demo_writes_the_guard_rows_with_their_keys(micro_demo):
+    read = lambda name: json.loads((micro_demo / f"{name}.json").read_text())
+    for name, guard in (("eval_pretrain_filter", "filter"), ("eval_pretrain_monitor_stop", "stop"),
+                        ("eval_pretrain_monitor_steer", "steer"), ("eval_ppo_latent_monitor_steer", "steer")):
+        metrics = read(name)
         assert "asr_obfuscated" in metrics and metrics["inputs"]["guard"] == guard
-    assert metrics["malformed_heldout"] < 1  # blocked prompts get the filter's well-formed refusal
-    steer = craft.json.loads((tmp_path / "eval_pretrain_monitor_steer" / "eval_pretrain_monitor_steer.json").read_text())
+    assert read("eval_pretrain_filter")["malformed_heldout"] < 1  # blocked prompts get the filter's well-formed refusal
+    steer = read("eval_pretrain_monitor_steer")
     assert set(steer["detection_auroc"]) == {"10%", "25%", "50%", "100%"} and "false_flag_benign" in steer["counts"]
+    stop = read("eval_pretrain_monitor_stop")  # one flag-only run serves both actions of a model
+    assert all(stop[k] == steer[k] for k in ("monitor_threshold", "detection_auroc", "plans_missed", "false_flag_benign"))
+

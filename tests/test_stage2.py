@@ -33,12 +33,64 @@ def test_gae_equals_a_python_loop():
     assert torch.allclose(returns, adv + values)
 
 
+def process_grpo_loop(rewards, mask, group_size):
+    """DeepSeekMath §4.1.3 written out: collect the rewards given in a group (nonzero, or a row's last
+    action), normalise them by their mean and unbiased std, then sum each row's from t to the end."""
+    adv = torch.zeros_like(rewards)
+    for start in range(0, rewards.size(0), group_size):
+        given = []
+        for b in range(start, start + group_size):
+            steps = [t for t in range(rewards.size(1)) if mask[b, t]]
+            given += [(b, t) for t in steps if rewards[b, t] != 0 or t == steps[-1]]
+        values = torch.tensor([float(rewards[b, t]) for b, t in given])
+        mean, std = values.mean(), values.std()
+        for b, t in given:
+            for u in range(t + 1):
+                if mask[b, u]:
+                    adv[b, u] += (rewards[b, t] - mean) / (std + 1e-6)
+    return adv
+
+
+def test_process_grpo_equals_a_python_loop():
+    torch.manual_seed(0)
+    B, T = 6, 8
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (s, e) in enumerate([(2, 8), (0, 5), (4, 7), (1, 8), (3, 6), (0, 8)]):
+        mask[b, s:e] = True
+    rewards = torch.randn(B, T) * mask * (torch.rand(B, T) < 0.6)  # sparse: some actions get nothing
+    assert torch.allclose(craft.process_advantages(rewards, mask, 3), process_grpo_loop(rewards, mask, 3), atol=1e-5)
+
+
+def test_process_grpo_with_a_last_token_reward_is_outcome_grpo():
+    torch.manual_seed(1)
+    B, T, G = 8, 6, 4
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[::2, 4:] = False  # rows of two lengths
+    last = (mask * torch.arange(T)).argmax(1)
+    R = torch.randn(B)
+    R[3] = 0.0  # a last-token reward of exactly 0 still counts in its group
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), last] = R
+    outcome = ((R.view(-1, G) - R.view(-1, G).mean(1, keepdim=True)) / (R.view(-1, G).std(1, keepdim=True) + 1e-6)).view(-1, 1)
+    assert torch.allclose(craft.grpo_advantages(rewards, mask, G), outcome * mask, atol=1e-6)
+    assert torch.allclose(craft.process_advantages(rewards, mask, G), outcome * mask, atol=1e-6)
+
+
+def test_a_dense_reward_gives_different_tokens_different_advantages():
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    rewards = torch.tensor([[1.0, -1.0, 0.5, 0.2], [0.3, 0.3, -0.4, 0.1]])
+    adv = craft.process_advantages(rewards, mask, 2)
+    assert len(set(adv[0].tolist())) == 4  # credit depends on where a reward came, not only on the row's sum
+
+
 def test_grpo_advantages_have_zero_mean_per_group():
     rewards = torch.randn(8, 5)
     mask = torch.ones(8, 5, dtype=torch.bool)
     adv = craft.grpo_advantages(rewards, mask, group_size=4)
     assert torch.allclose(adv[:, 0].view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
     assert torch.equal(adv[:, 0:1].expand(8, 5), adv)  # the same advantage on every action
+    process = craft.process_advantages(rewards, mask, group_size=4)
+    assert torch.allclose(process[:, 0].view(2, 4).sum(1), torch.zeros(2), atol=1e-5)  # Σ of a group's r̃ is 0
 
 
 def losses(logp, adv, values=None, old_values=None, returns=None):
@@ -109,7 +161,7 @@ def test_forced_prefix_tokens_are_not_actions(micro):
         assert int(ro.act[i].float().argmax()) > int(think[i]) + 5
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "process"])
 def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     ro, compass, cfg, policy, reference, value_head = rollout(micro, advantage=advantage)
     before = [p.detach().clone() for p in policy.parameters()]

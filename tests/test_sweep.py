@@ -1,0 +1,46 @@
+"""sweep: intervals over seeds, paired differences, and a killed sweep that reruns only what is missing."""
+import json
+import math
+
+import craft
+from conftest import run
+
+
+def test_mean_interval_is_the_t_interval():
+    m, (lo, hi) = craft.mean_interval([1.0, 2.0, 6.0])
+    s = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    assert m == 3.0 and math.isclose(hi - m, 4.30 * s / math.sqrt(3)) and math.isclose(m - lo, hi - m)
+    assert craft.mean_interval([0.5]) == (0.5, [0.5, 0.5])
+    _, (lo12, hi12) = craft.mean_interval([float(i % 2) for i in range(13)])  # 12 degrees of freedom: t of 10
+    assert math.isclose(hi12 - lo12, 2 * 2.23 * math.sqrt(sum((i % 2 - 6 / 13) ** 2 for i in range(13)) / 12) / math.sqrt(13))
+
+
+def test_asr_area_is_the_mean_asr_of_a_trapezoid_curve():
+    assert craft.asr_area(dict(monitor_iteration=[0, 4, 8], monitor_asr=[1.0, 0.0, 0.0])) == 0.25
+
+
+def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch):
+    seed_dir = tmp_path / "seed_0"
+    seed_dir.mkdir()
+    for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
+        (seed_dir / name).write_bytes((micro / name).read_bytes())
+    args = ["sweep", "--preset=micro", "--rewards=latent,outcome", "--seeds=0", f"--out={tmp_path}"]
+    real_eval = craft.eval_cmd
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(craft, "eval_cmd", killed)
+    assert run(*args) == 130
+    done = {p.name: p.stat().st_mtime_ns for p in seed_dir.glob("ppo_*.json")}
+    assert set(done) == {"ppo_latent.json", "ppo_outcome.json"} and not (tmp_path / "sweep.json").exists()
+    monkeypatch.setattr(craft, "eval_cmd", real_eval)
+    assert run(*args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in seed_dir.glob("ppo_*.json")} == done  # not trained again
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(result["results"]) == {"ppo_latent", "ppo_outcome"} and set(result["paired_differences"]) == {"ppo_outcome"}
+    diff = result["paired_differences"]["ppo_outcome"]["asr_heldout"]["mean"]
+    per = result["results"]
+    assert diff == per["ppo_outcome"]["asr_heldout"]["mean"] - per["ppo_latent"]["asr_heldout"]["mean"]
+    assert "| ppo_outcome |" in (tmp_path / "sweep.md").read_text()
+    verdicts = json.loads((seed_dir / "eval_ppo_latent.json").read_text())["verdicts"]
+    assert len(verdicts["heldout"]) == 200  # per prompt, for paired per-prompt tests

@@ -128,7 +128,9 @@ STAGE_FIELDS = {
            "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm "
            "kl_coef latent_coef outcome_coef cons_coef p_prefill monitor_every".split(),
 }
-RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")  # change how fast, never what
+# Change how fast, not what is computed; eval_batch is the exception in one way: sampling draws follow the
+# batching, so another eval_batch gives other samples of the same distribution (an eval is not reused on it).
+RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")
 
 
 def stage_inputs(cfg, stage):

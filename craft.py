@@ -129,7 +129,7 @@ STAGE_FIELDS = {
            "kl_coef latent_coef outcome_coef cons_coef p_prefill monitor_every".split(),
 }
 # Change how fast, not what is computed; eval_batch is the exception in one way: sampling draws follow the
-# batching, so another eval_batch gives other samples of the same distribution (an eval is not reused on it).
+# batching, so another eval_batch gives other samples of the same distribution (demo's reuse ignores it).
 RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")
 
 

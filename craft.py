@@ -287,7 +287,7 @@ class GracefulStop:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def guard(value, what, step):
+def check_finite(value, what, step):
     """Stop on a non-finite number, naming it, before it reaches a checkpoint."""
     if not math.isfinite(value):
         raise CraftError(f"{what} is {value} at step {step}; the last good checkpoint is kept")
@@ -395,7 +395,7 @@ def pretrain_step(model, opt, cfg, step):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return guard(loss.item(), "pretraining loss", step), int((y >= 0).sum())
+    return check_finite(loss.item(), "pretraining loss", step), int((y >= 0).sum())
 
 
 def pretrain(cfg, out):
@@ -1135,11 +1135,11 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it):
         else:
             adv = (process_advantages if cfg.advantage == "process" else grpo_advantages)(rewards, ro.act, cfg.group_size)
             returns = ro.values  # no value head, no value target
-    guard(float(adv.abs().max()), "advantage", it)
+    check_finite(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")
     stats = ppo_update(policy, value_head, opt, ro, adv, returns, cfg, seeded(cfg.seed, "update", it))
     timer.lap("update")
-    guard(stats["pg_loss"], "policy loss", it)
+    check_finite(stats["pg_loss"], "policy loss", it)
     return dict(iteration=it, reward=float(rewards.sum(1).mean()), kl_rollout=float(masked_mean(kl, ro.act)), **stats,
                 **warm, **{f"rollout_{k}": v for k, v in headline(ro.prompts, ro.verdicts).items()},
                 phase_seconds=timer.seconds)
@@ -1337,16 +1337,7 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
         run = lambda g: evaluate(model, reference, cfg, sets, g)
         default = out / f"eval_{name}.json"
     if guard in ACTIONS:
-        compass = load_compass(out / "contrast.pt")
-        key = (str(ckpt), ckpt.stat().st_mtime_ns, (out / "contrast.pt").stat().st_mtime_ns, repr(cfg), fpr, prompts_file)
-        if key not in FLAG_RUNS:  # the detection numbers come from a run that changes nothing
-            watching = Monitor(compass, calibrate(model, compass, cfg, fpr), "flag")
-            FLAG_RUNS[key] = watching, run(watching)
-        watching, flagged = FLAG_RUNS[key]
-        metrics = flagged if guard == "flag" else run(Monitor(compass, watching.threshold, guard))
-        counts, extra = detection(watching)
-        metrics = with_intervals(metrics["counts"] | counts, {k: metrics[k] for k in ("kl_ref", "verdicts") if k in metrics} | extra)
-        plot_monitor(out / f"fig_monitor_{ckpt.stem}.png", watching)
+        metrics = monitored_eval(run, model, cfg, out, ckpt, guard, fpr, prompts_file)
     else:
         metrics = run(KeywordFilter if guard == "filter" else None)
     metrics |= dict(ckpt=str(ckpt), eval_set_hash=eval_set_hash(), inputs=eval_inputs(cfg, ckpt, guard, fpr),
@@ -1360,6 +1351,22 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
 
 
 FLAG_RUNS = {}  # one flag-only run per model, compass and setting, shared by its actions (demo runs two)
+
+
+def monitored_eval(run, model, cfg, out, ckpt, action, fpr, prompts_file):
+    """run(guard) -> metrics, with the monitor acting, plus the detection numbers of a flag-only run of the
+    same monitor (it changes nothing, so it sees every plan to its end) and fig_monitor_<ckpt>.png."""
+    compass = load_compass(out / "contrast.pt")
+    key = (str(ckpt), ckpt.stat().st_mtime_ns, (out / "contrast.pt").stat().st_mtime_ns, repr(cfg), fpr, prompts_file)
+    if key not in FLAG_RUNS:
+        watching = Monitor(compass, calibrate(model, compass, cfg, fpr), "flag")
+        FLAG_RUNS[key] = watching, run(watching)
+    watching, flagged = FLAG_RUNS[key]
+    metrics = flagged if action == "flag" else run(Monitor(compass, watching.threshold, action))
+    counts, extra = detection(watching)
+    plot_monitor(out / f"fig_monitor_{ckpt.stem}.png", watching)
+    kept = {k: metrics[k] for k in ("kl_ref", "verdicts") if k in metrics}
+    return with_intervals(metrics["counts"] | counts, kept | extra)
 
 
 def guard_suffix(guard):
@@ -2136,6 +2143,8 @@ def parse_args(argv):
         raise CraftError(f"--filter must be keywords, got {flags['filter']!r}")
     if "filter" in flags and "monitor" in flags:
         raise CraftError("--filter and --monitor are two guards: evaluate one at a time")
+    if "fpr" in flags and command != "monitor" and "monitor" not in flags:
+        raise CraftError("--fpr sets the monitor's false-flag rate: use it with monitor or eval --monitor")
     if "fpr" in flags:
         try:
             fpr = float(flags["fpr"])

@@ -69,6 +69,7 @@ def bad_input_cases(micro, tmp):
         "unknown filter": (["eval", *m, "--filter=regex"], "--filter must be keywords"),
         "two guards": (["eval", *m, "--filter=keywords", "--monitor=stop"], "two guards"),
         "bad fpr": (["monitor", *m, "--fpr=2"], "--fpr must be a number between 0 and 1, got '2'"),
+        "fpr without a monitor": (["eval", *m, "--fpr=0.05"], "--fpr sets the monitor's false-flag rate"),
         "fpr not a number": (["eval", *m, "--monitor=flag", "--fpr=low"], "--fpr must be a number"),
         "monitor without a compass": (["monitor", "--preset=micro", f"--out={tmp / 'nocompass'}"],
                                       "contrast.pt: no such checkpoint"),

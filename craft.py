@@ -362,17 +362,42 @@ def left_pad(seqs):
 # ============================================================================ 3. pretraining
 
 
-def pretraining_batch(cfg, step):
-    """(x, y): a fresh batch of the world's traces, one a row, right-padded; targets -1 on padding."""
+def pretraining_traces(cfg, step):
+    """A fresh batch of the world's traces, as token lists: batch_size of them, the same for every layout."""
     rng = random.Random(f"pretrain:{cfg.seed}:{step}")
-    seqs = [encode(world.pretraining_trace(rng, cfg).text()) for _ in range(cfg.batch_size)]
-    T = min(max(map(len, seqs)), cfg.block_size + 1)
-    x = torch.full((len(seqs), T - 1), END_ID, dtype=torch.long)
-    y = torch.full((len(seqs), T - 1), -1, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        s = torch.tensor(s[:T])
-        x[i, :len(s) - 1], y[i, :len(s) - 1] = s[:-1], s[1:]  # predict token t+1 from tokens <= t
-    return x.to(DEVICE), y.to(DEVICE)
+    return [encode(world.pretraining_trace(rng, cfg).text())[:cfg.block_size + 1] for _ in range(cfg.batch_size)]
+
+
+def pack(lengths, row):
+    """First-fit decreasing: sequence lengths -> rows, lists of sequence indices with lengths summing to <= row."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, f in enumerate(free) if f >= lengths[i]), len(rows))
+        if j == len(rows):
+            rows.append([]), free.append(row)
+        rows[j].append(i)
+        free[j] -= lengths[i]
+    return rows
+
+
+def pretraining_batch(cfg, step):
+    """(x, y, doc): the step's traces packed into rows of block_size tokens, so no compute goes to padding.
+    Each trace t contributes inputs t[:-1] and targets t[1:] (predict token i+1 from tokens <= i);
+    doc numbers the traces of a row (1, 2, ...; 0 = the row's unused tail, target -1), and the model keeps
+    attention and positions inside each trace: the loss is exactly that of one trace a row."""
+    seqs = pretraining_traces(cfg, step)
+    rows = pack([len(s) - 1 for s in seqs], cfg.block_size)
+    x = torch.full((len(rows), cfg.block_size), END_ID, dtype=torch.long)
+    y = torch.full_like(x, -1)
+    doc = torch.zeros_like(x)
+    for r, members in enumerate(rows):
+        at = 0
+        for d, i in enumerate(members, start=1):
+            s = torch.tensor(seqs[i])
+            n = len(s) - 1
+            x[r, at:at + n], y[r, at:at + n], doc[r, at:at + n] = s[:-1], s[1:], d
+            at += n
+    return x.to(DEVICE), y.to(DEVICE), doc.to(DEVICE)
 
 
 def learning_rate(cfg, step):
@@ -386,11 +411,11 @@ def learning_rate(cfg, step):
 
 def pretrain_step(model, opt, cfg, step):
     """One optimiser step on a fresh batch -> (loss, target tokens)."""
-    x, y = pretraining_batch(cfg, step)
+    x, y, doc = pretraining_batch(cfg, step)
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg, step)
     with autocast():
-        _, loss, _ = model(x, y)
+        _, loss, _ = model(x, y, doc=doc)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -812,7 +837,7 @@ def rollout_prompts(cfg, it):
 def action_logprobs(model, tokens, real, taps=()):
     """-> log π(token t+1 | tokens ≤ t) (B, T), the logits (B, T, V) and the taps over the full length."""
     with autocast():
-        logits, _, out = model(tokens, real=real, taps=taps)
+        logits, _, out = model(tokens, doc=real, taps=taps)
     logits = logits[:, :-1].float()
     return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1), logits, out
 
@@ -1387,7 +1412,7 @@ def audit_scores(reference, compass, tokens, real, new):
     states (the same reader as the default `latent_from=reference`) -> [(token text, score)]."""
     layer = int(compass.layer)
     with autocast():
-        h = reference(tokens, real=real, taps=(layer,))[2][layer]
+        h = reference(tokens, doc=real, taps=(layer,))[2][layer]
     s = compass.read(h.float())[0][new[0]]
     return [(ENC.decode([t]), float(x)) for t, x in zip(tokens[0][new[0]].tolist(), s.tolist())]
 

@@ -6,7 +6,8 @@ Karpathy's nanoGPT, whose model.py this file follows part by part.
 
 Two additions, neither of which knows anything about safety:
 - activation taps: forward() returns the residual stream after the blocks you name;
-- batched generation with a KV cache, for prompts of different lengths (left padding).
+- batched generation with a KV cache, for prompts of different lengths (left padding);
+- several documents in one row (packed pretraining), each attending to itself only.
 """
 import math
 from dataclasses import dataclass
@@ -77,16 +78,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def attention_mask(real, T):
-    """(B, T_total) bool, True on real tokens -> (B, 1, T, T_total) bool for the last T queries:
-    causal, never a padding key. Example, one row, real=[0, 1, 1], T=3 ->
-    [[1, 0, 0], [0, 1, 0], [0, 1, 1]]."""
-    T_total = real.size(1)
-    q = torch.arange(T_total - T, T_total, device=real.device)[:, None]
-    k = torch.arange(T_total, device=real.device)[None, :]
-    allowed = (k <= q) & real[:, None, :]
-    allowed = allowed | (k == q)  # subtle: a padding query would otherwise see no key, and softmax over nothing is NaN
+def attention_mask(doc, T):
+    """(B, T_total) document ids -> (B, 1, T, T_total) bool for the last T queries: a token sees the
+    earlier tokens of its own document only. Example, one left-padded row, doc=[0, 1, 1], T=3 ->
+    [[1, 0, 0], [0, 1, 0], [0, 1, 1]]; a packed row, doc=[1, 1, 2] -> [[1, 0, 0], [1, 1, 0], [0, 0, 1]]."""
+    T_total = doc.size(1)
+    q = torch.arange(T_total - T, T_total, device=doc.device)[:, None]
+    k = torch.arange(T_total, device=doc.device)[None, :]
+    allowed = (k <= q) & (doc[:, None, :] == doc[:, -T:, None])
     return allowed[:, None]
+
+
+def positions(doc):
+    """(B, T) document ids -> (B, T) positions that restart at 0 where each document starts."""
+    t = torch.arange(doc.size(1), device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(1).values  # t minus the start of t's document
 
 
 class GPT(nn.Module):
@@ -113,17 +121,18 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, taps=(), real=None, cache=None):
+    def forward(self, idx, targets=None, taps=(), doc=None, cache=None):
         """idx (B, T) token ids. Returns logits (B, T, V), the loss if targets are given (-1 = ignore),
         and taps: {layer: residual stream (B, T, C)}, layer 0 = embeddings, layer i = after block i.
-        real (B, T_past + T) marks real tokens of left-padded rows; cache: a list per block, filled in place."""
+        doc (B, T_past + T): which document each token belongs to, for rows that hold more than one
+        sequence: left padding (padding = False, the prompt = True) or packed traces (1, 1, 2, 2, 2, ...).
+        cache: a list per block, filled in place."""
         B, T = idx.size()
-        if real is None:  # one unpadded sequence per row: plain causal attention
-            assert cache is None, "cached decoding needs the real-token mask"
+        if doc is None:  # one sequence per row: plain causal attention
+            assert cache is None, "cached decoding needs the document ids"
             pos, mask = torch.arange(T, device=idx.device), None
-        else:  # left padding: a row's positions count its real tokens only
-            pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
-            mask = attention_mask(real, T)
+        else:  # several: attention stays inside each document, and positions restart in each
+            pos, mask = positions(doc)[:, -T:], attention_mask(doc, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         out = {0: x} if 0 in taps else {}
         for i, block in enumerate(self.transformer.h, start=1):
@@ -155,9 +164,9 @@ class GPT(nn.Module):
         step_in = idx
         for _ in range(max_new_tokens):
             if use_cache:  # only the newest token goes in; the cache holds the rest
-                logits, _, hidden = self(step_in, real=real, cache=cache, taps=taps)
+                logits, _, hidden = self(step_in, doc=real, cache=cache, taps=taps)
             else:  # recompute the whole sequence every step: the slow reference
-                logits, _, hidden = self(idx, real=real, taps=taps)
+                logits, _, hidden = self(idx, doc=real, taps=taps)
             nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
             if on_step is not None:
                 T_in = step_in.size(1)

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, attention_mask, positions
 
 CFG = GPTConfig(vocab_size=50, block_size=48, n_layer=3, n_head=2, n_embd=16)
 
@@ -57,11 +57,11 @@ def test_cached_generation_equals_uncached_on_a_ragged_batch():
     assert torch.equal(cached, plain) and torch.equal(new_c, new_p)
     # logits too: one cached step against the full recomputation
     full = torch.cat([real, torch.ones(3, 12, dtype=torch.bool)], 1)
-    ref_logits = m(cached, real=full)[0]
+    ref_logits = m(cached, doc=full)[0]
     cache = [[] for _ in m.transformer.h]
-    step_logits = [m(cached[:, :7], real=full[:, :7], cache=cache)[0][:, -1]]
+    step_logits = [m(cached[:, :7], doc=full[:, :7], cache=cache)[0][:, -1]]
     for t in range(7, 18):
-        step_logits.append(m(cached[:, t:t + 1], real=full[:, :t + 1], cache=cache)[0][:, -1])
+        step_logits.append(m(cached[:, t:t + 1], doc=full[:, :t + 1], cache=cache)[0][:, -1])
     assert torch.allclose(torch.stack(step_logits, 1), ref_logits[:, 6:18], atol=1e-5)
 
 
@@ -86,8 +86,30 @@ def test_on_step_sees_each_token_with_its_taps_and_can_write_other_tokens():
         out, _ = m.generate(idx, 5, temperature=0, real=real, use_cache=use_cache, taps=(1,), on_step=hook)
         assert (out[:, 8] == 3).all()
         assert torch.equal(torch.cat([t for t, _ in seen], 1), out[:, :-1])  # every token went in once, in order
-        full = m(out, real=torch.cat([real, torch.ones(3, 5, dtype=torch.bool)], 1), taps=(1,))[2][1]
+        full = m(out, doc=torch.cat([real, torch.ones(3, 5, dtype=torch.bool)], 1), taps=(1,))[2][1]
         assert torch.allclose(torch.cat([h for _, h in seen], 1), full[:, :-1], atol=1e-5)
+
+
+def test_a_packed_row_computes_each_document_as_if_it_were_alone():
+    m = tiny()
+    docs = [torch.randint(50, (n,)) for n in (5, 9, 3)]
+    row = torch.cat(docs)[None]
+    doc = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)])[None]
+    packed, _, taps = m(row, doc=doc, taps=(2,))
+    at = 0
+    for d in docs:
+        alone, _, alone_taps = m(d[None], taps=(2,))
+        assert torch.allclose(packed[:, at:at + len(d)], alone, atol=1e-5)
+        assert torch.allclose(taps[2][:, at:at + len(d)], alone_taps[2], atol=1e-5)
+        at += len(d)
+
+
+def test_positions_restart_at_each_document():
+    doc = torch.tensor([[0, 0, 1, 1, 1], [1, 2, 2, 3, 0]])
+    assert positions(doc).tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 0, 0]]
+    # the docstring's examples: a left-padded row and a packed row
+    assert attention_mask(torch.tensor([[0, 1, 1]]), 3)[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert attention_mask(torch.tensor([[1, 1, 2]]), 3)[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
 def test_rows_stop_at_the_end_token():

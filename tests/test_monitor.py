@@ -45,7 +45,7 @@ def test_a_monitor_that_never_fires_changes_no_token_and_reads_the_same_scores_a
     assert (watch.fired == -1).all()
     tokens, real, new = watched[:3]
     layer = int(compass.layer)
-    again = compass.read(model(tokens, real=real, taps=(layer,))[2][layer])  # one more pass over the whole text
+    again = compass.read(model(tokens, doc=real, taps=(layer,))[2][layer])  # one more pass over the whole text
     for (s, _, where), row, n in zip(watch.trajectories(), again, new):
         generated = n.nonzero().flatten()
         assert torch.equal(where, generated[:len(where)])  # read: generated tokens up to <|answer|>

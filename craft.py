@@ -52,13 +52,13 @@ class Config:
     block_size: int = 176  # longest eval prompt with a forced prefix (75 tokens) + max_new_tokens
     dropout: float = 0.0
     # pretraining: the mix that makes the base model jailbreakable on purpose (see data/world.py)
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1200  # packed rows (lesson 6); capability 0.75 / 0.90 / 0.98 / 0.997 at 400 / 800 / 1200 / 1600 of a 1600-step run
     batch_size: int = 64
     lr: float = 2e-3
     p_plain: float = 0.2  # share of plain harmful prompts
     p_wrapped: float = 0.3  # share of harmful prompts in a training wrapper
     p_scary: float = 0.15  # share of scary-benign prompts; the rest (35%) are benign tasks
-    p_benign_wrapped: float = 0.6  # scary-benign and benign prompts in a wrapper too: a wrapper is no sign of harm
+    p_benign_wrapped: float = 0.8  # scary-benign and benign prompts in a wrapper too: a wrapper is no sign of harm
     plain_unsafe: float = 0.05  # plain harmful: share with unsafe reasoning
     plain_rethink: float = 0.05  # ... and with rethink reasoning (the rest is safe)
     wrapped_unsafe: float = 0.80  # wrapped harmful: share with unsafe reasoning
@@ -1744,6 +1744,15 @@ def train_step_seconds(model, loss_of, x, y):
     return median_seconds(step)
 
 
+def one_trace_a_row(seqs):
+    """The layout packing replaces (bench only): one trace a row, right-padded to the longest; targets -1 there."""
+    x = torch.full((len(seqs), max(map(len, seqs)) - 1), END_ID, dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for i, s in enumerate(seqs):
+        x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+    return x.to(DEVICE), y.to(DEVICE)
+
+
 # The PPO iteration people compare with library RL trainers: 256 completions x 64 new tokens, 4 x 128 model.
 BENCH_PPO = dict(n_layer=4, n_head=4, n_embd=128, rollout_batch=256, max_new_tokens=64, minibatch_size=32, update_epochs=1)
 
@@ -1766,6 +1775,13 @@ def bench(cfg, out):
     r |= dict(params=n_params, train_tokens_per_s=tokens / t_own, baseline_train_tokens_per_s=tokens / t_base,
               train_vs_baseline_ratio=t_base / t_own, achieved_flops=flops_per_token * tokens / t_own)
     r["flops_fraction_of_matmul_peak"] = r["achieved_flops"] / r["matmul_peak_flops"]
+    seqs = pretraining_traces(cfg, 0)  # a real pretraining batch: real target tokens per second, two layouts
+    x, y, doc = pretraining_batch(cfg, 0)
+    real = int((y >= 0).sum())
+    r["pretrain_tokens_per_s_packed"] = real / train_step_seconds(model, lambda m, x, y: m(x, y, doc=doc)[1], x, y)
+    x, y = one_trace_a_row(seqs)
+    r["pretrain_tokens_per_s_padded"] = real / train_step_seconds(model, lambda m, x, y: m(x, y)[1], x, y)
+    r["packing_speedup"] = r["pretrain_tokens_per_s_packed"] / r["pretrain_tokens_per_s_padded"]
     model.eval()
     new = min(128, cfg.block_size - 16)
     prompt = torch.randint(ENC.n_vocab, (32, 16), device=DEVICE)
@@ -1799,7 +1815,8 @@ def bench(cfg, out):
     save_json(out / "bench.json", r)
     for k, v in r.items():
         print(f"  {k:<32} {v:.4g}" if isinstance(v, float) else f"  {k:<32} {v}")
-    print(f"bench: train {r['train_tokens_per_s']:.0f} tok/s ({r['train_vs_baseline_ratio']:.2f}x baseline), KV cache "
+    print(f"bench: train {r['train_tokens_per_s']:.0f} tok/s ({r['train_vs_baseline_ratio']:.2f}x baseline), packing "
+          f"{r['packing_speedup']:.2f}x, KV cache "
           f"{r['kv_cache_speedup']:.1f}x, PPO {r['ppo_tokens_per_s']:.0f} tok/s with GAE, {r['grpo_tokens_per_s']:.0f} with GRPO "
           f"-> {out / 'bench.json'}")
     return r

@@ -13,6 +13,7 @@ def test_bench_writes_every_field_positive_and_finite(tmp_path, monkeypatch):
     r = json.loads((tmp_path / "bench.json").read_text())
     for key in ("kv_cache_speedup", "train_vs_baseline_ratio", "ppo_tokens_per_s", "grpo_tokens_per_s",
                 "train_tokens_per_s", "achieved_flops", "matmul_peak_flops", "stage1_tokens_per_s", "peak_memory_mb",
-                "generate_tokens_per_s_monitored", "monitor_speed_ratio"):
+                "generate_tokens_per_s_monitored", "monitor_speed_ratio", "pretrain_tokens_per_s_packed",
+                "pretrain_tokens_per_s_padded", "packing_speedup"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert set(r["gae_iteration_seconds"]) == {"rollout", "reward", "advantage", "update"}

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import craft
 
@@ -178,7 +179,8 @@ def test_grpo_saves_no_value_head(micro):
 
 
 def test_value_warmup_fits_the_first_rollouts_returns(micro):
-    """The loss after 100 warm-up steps is far below the loss of the fresh head (the first step's)."""
+    """100 warm-up steps close at least half the gap between the fresh head's loss (the first step's) and the best
+    any LayerNorm + Linear head can do: least squares on the normalised features, in closed form."""
     losses = []
     for steps in (1, 100):
         ro, compass, cfg, _, _, _ = rollout(micro, advantage="gae", value_warmup=steps)
@@ -186,7 +188,12 @@ def test_value_warmup_fits_the_first_rollouts_returns(micro):
         torch.manual_seed(0)
         value_head = craft.make_value_head(cfg.n_embd)
         losses.append(craft.warm_up_value_head(value_head, ro, rewards, cfg))
-    assert losses[1] < 0.5 * losses[0]
+    _, returns = craft.gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
+    n = F.layer_norm(ro.final[:, :-1].float(), (cfg.n_embd,))[ro.act]
+    X = torch.cat([n, torch.ones(len(n), 1)], 1).double()
+    best = X @ torch.linalg.lstsq(X, returns[ro.act].double()[:, None]).solution
+    optimum = float(((best[:, 0] - returns[ro.act]) ** 2).mean())
+    assert losses[1] < optimum + 0.5 * (losses[0] - optimum), (losses, optimum)  # measured: 0.197 -> 0.162, optimum 0.147
 
 
 def test_consistency_counts_a_recovered_reasoning_as_safe():

@@ -5,12 +5,13 @@ Representations", arXiv 2603.17305 (2026); PPO as in Schulman et al. 2017 and Cl
 SupCon as in Khosla et al. 2020.
 
 This file reads in the order the pipeline runs:
-  1. config and presets                        7. rewards
-  2. plumbing: checkpoints, resume, timing     8. stage 2: advantages and the PPO update (`ppo`)
-  3. pretraining the base model (`pretrain`)   9. evaluation (`eval`) and the reasoning audit (`audit`)
-  4. sampling and judging completions         10. beyond training: a reasoning monitor and a keyword filter
-  5. stage 1: the safety compass (`contrast`) 11. figures, report, bench, demo
-  6. stage 2: rollouts                        12. the command line
+  1. config and presets                        8. stage 2: advantages and the PPO update (`ppo`)
+  2. plumbing: checkpoints, resume, timing     9. a baseline: preference optimisation (`dpo`)
+  3. pretraining the base model (`pretrain`)  10. evaluation (`eval`) and the reasoning audit (`audit`)
+  4. sampling and judging completions         11. beyond training: a reasoning monitor and a keyword filter
+  5. stage 1: the safety compass (`contrast`) 12. figures, report, bench, demo
+  6. stage 2: rollouts                        13. the command line
+  7. rewards
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
 import hashlib
@@ -52,7 +53,7 @@ class Config:
     block_size: int = 176  # longest eval prompt with a forced prefix (75 tokens) + max_new_tokens
     dropout: float = 0.0
     # pretraining: the mix that makes the base model jailbreakable on purpose (see data/world.py)
-    pretrain_steps: int = 1200  # packed rows (lesson 6); capability 0.75 / 0.90 / 0.98 / 0.997 at 400 / 800 / 1200 / 1600 of a 1600-step run
+    pretrain_steps: int = 1200  # packed rows (lesson 6); in a 1600-step run capability was 0.75, 0.90, 0.98, 1.00 at 400-step marks
     batch_size: int = 64
     lr: float = 2e-3
     p_plain: float = 0.2  # share of plain harmful prompts
@@ -99,6 +100,13 @@ class Config:
     p_prefill: float = 0.5  # harmful rollouts that start from a forced unsafe prefix
     monitor_every: int = 4
     save_every: int = 4  # iterations (or pretraining steps x 100) between resumable snapshots
+    # the preference-optimisation baseline (`dpo`)
+    loss: str = "dpo"  # dpo | ipo
+    pairs: str = "full"  # full: whole traces compared | answer: the same reasoning, answers compared
+    dpo_steps: int = 60
+    dpo_batch: int = 32  # pairs per step
+    dpo_lr: float = 2e-5  # 1e-4 drove the margin past 80 nats in 34 steps (lesson 14)
+    dpo_beta: float = 0.1  # β: DPO's inverse temperature; IPO's target margin is 1/(2β)
     # evaluation
     eval_batch: int = 256
 
@@ -111,7 +119,7 @@ PRESETS = {
     "micro": Config(n_layer=2, n_head=2, n_embd=32, pretrain_steps=30, batch_size=16, contrast_traces=60,
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
-                    eval_batch=1024),
+                    dpo_steps=4, dpo_batch=4, eval_batch=1024),
     "cpu": Config(),
     "gpu": Config(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000, batch_size=128, lr=1e-3,
                   contrast_traces=2000, contrast_steps=400, latent_dim=64, ppo_iters=60, rollout_batch=256,
@@ -127,7 +135,9 @@ STAGE_FIELDS = {
     "ppo": "reward advantage latent_from ppo_iters rollout_batch group_size max_new_tokens ppo_lr update_epochs "
            "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm "
            "kl_coef latent_coef outcome_coef cons_coef p_prefill monitor_every".split(),
+    "dpo": "loss pairs dpo_steps dpo_batch dpo_lr dpo_beta".split(),
 }
+AFTER = {"contrast": "pretrain", "ppo": "contrast", "dpo": "pretrain"}  # the stage whose outputs each one reads
 # Change how fast, not what is computed; eval_batch is the exception in one way: sampling draws follow the
 # batching, so another eval_batch gives other samples of the same distribution (demo's reuse ignores it).
 RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")
@@ -135,11 +145,9 @@ RUNTIME_FIELDS = ("threads", "save_every", "eval_batch")
 
 def stage_inputs(cfg, stage):
     """The config values a stage's outputs depend on: its own fields and those of the stages before it."""
-    names = []
-    for s, f in STAGE_FIELDS.items():
-        names += f
-        if s == stage:
-            break
+    names, s = [], stage
+    while s:
+        names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
     return {n: getattr(cfg, n) for n in names} | (dict(reward_source=reward_source(cfg.reward)) if stage == "ppo" else {})
 
 
@@ -183,7 +191,7 @@ def validate(cfg):
                  "wrapped_rethink", "unsafe_refuses", "p_prefill", "gae_lambda", "gamma"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise CraftError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    choices = dict(reward=REWARDS, advantage=ADVANTAGES, latent_from=("reference", "policy"))
+    choices = dict(reward=REWARDS, advantage=ADVANTAGES, latent_from=("reference", "policy"), loss=LOSSES, pairs=PAIRS)
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise CraftError(f"--{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
@@ -1223,7 +1231,91 @@ def ppo(cfg, out):
           f"monitor ASR {curves['monitor_asr'][-1]:.2f}, {seconds:.0f}s -> {out / (name + '.pt')}")
 
 
-# ============================================================================ 9. evaluation and the reasoning audit
+# ============================================================================ 9. a baseline: preference optimisation (`dpo`)
+# The alternative to RL that the paper compares with: no sampling, no reward, no compass. Each pair is one
+# prompt with a preferred (chosen) and a dispreferred (rejected) completion, and the policy is pushed to
+# raise the chosen one's likelihood, relative to the frozen base model, more than the rejected one's.
+# DPO: Rafailov et al. 2023 (arXiv 2305.18290); IPO: Azar et al. 2023 (arXiv 2310.12036).
+# `--pairs=full` prefers whole traces (safe reasoning and a refusal over a plan); `--pairs=answer` keeps
+# the reasoning and prefers the answer alone: output-level preference data, like the outcome reward.
+
+LOSSES, PAIRS = ("dpo", "ipo"), ("full", "answer")
+
+
+def preference_batch(cfg, step):
+    """A fresh batch of dpo_batch pairs -> tokens (2B, L) left-padded, chosen rows first, then the rejected
+    ones in the same order; real (2B, L); completion (2B, L-1): True where token t+1 comes after <|think|>."""
+    rng = random.Random(f"dpo:{cfg.seed}:{step}")
+    pairs = [world.preference_pair(rng, cfg, answer_only=cfg.pairs == "answer") for _ in range(cfg.dpo_batch)]
+    tokens, real = left_pad([encode(t.text()) for t in [c for c, _ in pairs] + [r for _, r in pairs]])
+    return tokens, real, ((tokens == THINK_ID).cumsum(1) > 0)[:, :-1]
+
+
+def sequence_logprobs(model, tokens, real, completion):
+    """log π(y | x): the log-probs of the completion's tokens, summed per row -> (2B,)."""
+    return (action_logprobs(model, tokens, real)[0] * completion).sum(1)
+
+
+def preference_loss(h, loss, beta):
+    """h = [log π(y_c) − log π_ref(y_c)] − [log π(y_r) − log π_ref(y_r)], one per pair -> the mean loss.
+    DPO: −log σ(β·h).  IPO: (h − 1/(2β))², which stops pushing once the margin reaches 1/(2β)."""
+    if loss == "dpo":
+        return -F.logsigmoid(beta * h).mean()
+    return ((h - 1 / (2 * beta)) ** 2).mean()
+
+
+def dpo_step(policy, reference, opt, cfg, step):
+    """One optimiser step on a fresh batch of pairs -> its row of the curves."""
+    tokens, real, completion = preference_batch(cfg, step)
+    with torch.no_grad():  # the reference's log-probs: once per pair
+        ref = sequence_logprobs(reference, tokens, real, completion)
+    ratio = sequence_logprobs(policy, tokens, real, completion) - ref  # log π/π_ref per completion
+    chosen, rejected = ratio.chunk(2)
+    loss = preference_loss(chosen - rejected, cfg.loss, cfg.dpo_beta)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    opt.step()
+    chosen, rejected = chosen.detach(), rejected.detach()  # β·log π/π_ref is DPO's implicit reward of a completion
+    margin = chosen - rejected
+    return dict(loss=check_finite(loss.item(), "preference loss", step), margin=float(margin.mean()),
+                accuracy=float((margin > 0).float().mean()), chosen=float(chosen.mean()), rejected=float(rejected.mean()))
+
+
+def dpo_name(cfg):
+    return f"dpo_{cfg.loss}_{cfg.pairs}"
+
+
+def dpo(cfg, out):
+    name = dpo_name(cfg)
+    reference, base_cfg = load_model(out / "pretrain.pt", "pretrain")
+    check_same_model(base_cfg, cfg, out / "pretrain.pt")
+    policy, _ = load_model(out / "pretrain.pt", "pretrain")
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.dpo_lr, weight_decay=0.0)
+    resume_path = out / f"{name}.resume.pt"
+    start, curves, seconds = resume(resume_path, cfg, policy, opt, dict(curves={}, seconds=0.0))
+    t0 = time.time() - seconds
+    bar = tqdm(range(start, cfg.dpo_steps), desc=name, initial=start, total=cfg.dpo_steps)
+    with GracefulStop() as stop:
+        for step in bar:
+            row = dpo_step(policy, reference, opt, cfg, step)
+            for k, v in row.items():
+                curves.setdefault(k, []).append(v)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:+.1f}", acc=f"{row['accuracy']:.2f}")
+            if (step + 1) % (25 * cfg.save_every) == 0 or stop.requested:
+                snapshot(resume_path, cfg, policy, opt, step + 1, dict(curves=curves, seconds=time.time() - t0))
+            if stop.requested:
+                raise KeyboardInterrupt
+    seconds = time.time() - t0
+    save_checkpoint(out / f"{name}.pt", name, cfg, model=policy.state_dict())
+    save_json(out / f"{name}.json", dict(config=asdict(cfg), inputs=stage_inputs(cfg, "dpo"), curves=curves, seconds=seconds))
+    resume_path.unlink(missing_ok=True)
+    print(f"{name}: {cfg.dpo_steps} steps, loss {curves['loss'][-1]:.3f}, margin {curves['margin'][-1]:+.1f}, "
+          f"pair accuracy {curves['accuracy'][-1]:.2f}, {seconds:.0f}s -> {out / (name + '.pt')}")
+
+
+# ============================================================================ 10. evaluation and the reasoning audit
 # Decoding: one sample per prompt at temperature 1, from a fixed seed. Sampling, not greedy, so that
 # ASR is the share of the model's own distribution that a jailbreak reaches; the seed makes it repeatable.
 
@@ -1316,10 +1408,10 @@ def eval_set_hash():
 
 
 def load_policy(path):
-    """A model to evaluate: pretrain.pt or any ppo_*.pt; its shape comes from the checkpoint."""
+    """A model to evaluate: pretrain.pt, any ppo_*.pt or dpo_*.pt; its shape comes from the checkpoint."""
     ck = load_checkpoint(path, "any")
     if "model" not in ck or ck["stage"] == "resume":
-        raise CraftError(f"{path}: a {ck['stage']} checkpoint holds no model to evaluate (use pretrain.pt or ppo_*.pt)")
+        raise CraftError(f"{path}: a {ck['stage']} checkpoint holds no model to evaluate (use pretrain.pt, ppo_*.pt or dpo_*.pt)")
     return load_model(path)
 
 
@@ -1450,7 +1542,7 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
     return pieces, verdict
 
 
-# ============================================================================ 10. beyond training: a reasoning monitor and a keyword filter
+# ============================================================================ 11. beyond training: a reasoning monitor and a keyword filter
 # Alignment changes the model; a guard sits beside an unchanged one. Both act through generate's on_step.
 # The monitor reads the compass while the model thinks: a reasoning token's score comes from the same
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving
@@ -1638,7 +1730,7 @@ def plot_monitor(path, monitor):
     save_figure(fig, path)
 
 
-# ============================================================================ 11. figures, report, bench, demo
+# ============================================================================ 12. figures, report, bench, demo
 
 def plot_pretrain_loss(path, losses):
     fig, ax = figure(figsize=(9, 5))
@@ -1830,12 +1922,18 @@ def up_to_date(path, inputs):
         return False
 
 
-def demo(cfg, out, fresh=False, rewards=None):
-    """pretrain -> contrast -> ppo per reward -> eval of the base and each policy, and of the guards -> report.md."""
+BASELINES = ("dpo_full", "dpo_answer")  # demo's preference-optimisation rows: <loss>_<pairs>
+
+
+def demo(cfg, out, fresh=False, rewards=None, baselines=BASELINES):
+    """pretrain -> contrast -> ppo per reward -> dpo per baseline -> eval of the base, each policy and the
+    guards -> report.md."""
     rewards = rewards or list(REWARDS)
     runs = [replace(cfg, reward=r) for r in rewards]
-    names = [run_name(c) for c in runs]
-    steps = stage_steps(cfg, out, runs, [("pretrain", None)] + [(n, None) for n in names] + guarded_evals(names))
+    prefs = [replace(cfg, loss=b.split("_")[0], pairs=b.split("_")[1]) for b in baselines]
+    names, pref_names = [run_name(c) for c in runs], [dpo_name(c) for c in prefs]
+    steps = stage_steps(cfg, out, runs, [("pretrain", None)] + [(n, None) for n in names + pref_names] + guarded_evals(names),
+                        prefs)
     t0 = time.time()
     for k, (name, inputs, run) in enumerate(steps, start=1):
         if not fresh and up_to_date(out / f"{name}.json", inputs()):
@@ -1843,15 +1941,17 @@ def demo(cfg, out, fresh=False, rewards=None):
             continue
         print(f"[{k}/{len(steps)}] {name}")
         run()
-    write_report(cfg, out, names, time.time() - t0)
+    write_report(cfg, out, names, pref_names, time.time() - t0)
 
 
-def stage_steps(cfg, out, runs, evals):
+def stage_steps(cfg, out, runs, evals, prefs=()):
     """What demo and sweep run, in order, as (name, inputs, run): pretrain, contrast, one PPO run per config
-    in `runs`, one eval per (checkpoint name, guard) in `evals`. A step whose JSON records the same inputs is reused."""
+    in `runs`, one DPO run per config in `prefs`, one eval per (checkpoint name, guard) in `evals`.
+    A step whose JSON records the same inputs is reused."""
     steps = [("pretrain", lambda: stage_inputs(cfg, "pretrain"), lambda: pretrain(cfg, out)),
              ("contrast", lambda: stage_inputs(cfg, "contrast"), lambda: contrast(cfg, out))]
     steps += [(run_name(c), lambda c=c: stage_inputs(c, "ppo"), lambda c=c: ppo(c, out)) for c in runs]
+    steps += [(dpo_name(c), lambda c=c: stage_inputs(c, "dpo"), lambda c=c: dpo(c, out)) for c in prefs]
     return steps + [(f"eval_{n}{guard_suffix(g)}", lambda n=n, g=g: eval_inputs(cfg, out / f"{n}.pt", g),
                      lambda n=n, g=g: eval_cmd(cfg, out, out / f"{n}.pt", guard=g)) for n, g in evals]
 
@@ -1866,8 +1966,8 @@ def guarded_evals(names):
     return [("pretrain", "filter"), ("pretrain", "stop"), ("pretrain", "steer"), (shown_policy(names), "steer")]
 
 
-def write_report(cfg, out, names, demo_seconds):
-    """report.md and its figures, from the stage outputs in `out`."""
+def write_report(cfg, out, names, pref_names, demo_seconds):
+    """report.md and its figures, from the stage outputs in `out`. names: PPO runs; pref_names: DPO runs."""
     read = lambda name: json.loads((out / f"{name}.json").read_text())
     plot_pretrain_loss(out / "fig_pretrain_loss.png", read("pretrain")["loss"])
     plot_ppo_curves(out / "fig_ppo_curves.png", {n: read(n)["curves"] for n in names})
@@ -1875,7 +1975,7 @@ def write_report(cfg, out, names, demo_seconds):
         "" if g is None else " + filter" if g == "filter" else f" + monitor ({g})")
     guarded = guarded_evals(names)
     results = {row(n, g): read(f"eval_{n}{guard_suffix(g)}") for n, g in [("pretrain", None)] + guarded[:3]}
-    results |= {row(n, g): read(f"eval_{n}{guard_suffix(g)}") for n, g in [(n, None) for n in names] + guarded[3:]}
+    results |= {row(n, g): read(f"eval_{n}{guard_suffix(g)}") for n, g in [(n, None) for n in names + pref_names] + guarded[3:]}
     keys = [k for k in results["base"]["counts"] if not (k.startswith("malformed") or k.startswith("false_flag"))]
     plot_results(out / "fig_results.png", results, keys)
     compass = load_compass(out / "contrast.pt")
@@ -1889,9 +1989,9 @@ def write_report(cfg, out, names, demo_seconds):
     index = jailbroken_example(cfg, out)
     audit(cfg, out, out / "pretrain.pt", index=index, png=out / "fig_audit_before.png", quiet=True)
     audit(cfg, out, out / f"{shown}.pt", index=index, png=out / "fig_audit_after.png", quiet=True)
-    evals = [f"eval_{n}" for n in ["pretrain"] + names] + [f"eval_{n}{guard_suffix(g)}" for n, g in guarded]
+    evals = [f"eval_{n}" for n in ["pretrain"] + names + pref_names] + [f"eval_{n}{guard_suffix(g)}" for n, g in guarded]
     cell = lambda m, k: f"{m[k]:.3f} ({m['counts'][k][0]}/{m['counts'][k][1]})"
-    times = {n: read(n).get("seconds", 0.0) for n in ["pretrain", "contrast"] + names + evals}
+    times = {n: read(n).get("seconds", 0.0) for n in ["pretrain", "contrast"] + names + pref_names + evals}
     watched = {row(n, None): read(f"eval_{n}{guard_suffix(g)}") for n, g in guarded[2:]}  # detection: one row a model
     flag_keys = [k for k in watched["base"]["counts"] if k.startswith("false_flag")]
     detection_rows = ["| " + name + f" | {m['monitor_threshold']:+.2f} | " +
@@ -1930,6 +2030,8 @@ form), per eval set. They are no visible attack, so the ASR keys leave them out,
 PPO iterations until the ASR of PPO's monitor set (a small held-out check during training, not the reasoning
 monitor below) first reached ≤ 0.05: {', '.join(f'{n}: {v}' for n, v in first.items())}.
 
+Rows named `dpo_<loss>_<pairs>` are the preference-optimisation baseline (lesson 14): DPO or IPO on pairs that
+compare whole traces (`full`) or only the answers after the same reasoning (`answer`, output-level data).
 Rows with `+ filter` or `+ monitor` are guards beside an unchanged model (lesson 13): the keyword filter refuses
 every prompt with one of the world's harmful verbs (`asr_obfuscated`: the same requests reworded); the monitor
 reads the compass while the model thinks and stops the reasoning with a refusal or steers it with a catch step.
@@ -2120,15 +2222,17 @@ def git_commit():
         return "unknown"
 
 
-# ============================================================================ 12. the command line
+# ============================================================================ 13. the command line
 
 USAGE = """usage: python craft.py COMMAND [--preset=micro|cpu|gpu] [--out=DIR] [--field=value ...]
 commands:
   demo      every stage, then DIR/report.md          [--fresh] [--rewards=latent,outcome,...]
+                                                      [--baselines=dpo_full,dpo_answer,ipo_full,...: DPO rows]
   pretrain  train the jailbreakable base model        -> pretrain.pt, pretrain.json
   contrast  stage 1: the safety compass               -> contrast.pt, contrast.json, latent_before.png
   ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_process|_gae][_self].pt/.json
                                                       [--reward_file=PATH.py: rewards of your own, for ppo and demo]
+  dpo       the preference-optimisation baseline     [--loss=dpo|ipo] [--pairs=full|answer] -> dpo_<loss>_<pairs>.pt/.json
   eval      metrics of a checkpoint                   [--ckpt=PATH] [--json=PATH] [--prompts=FILE.jsonl]
                                                       [--filter=keywords | --monitor=flag|stop|steer [--fpr=0.01]]
   monitor   eval with the reasoning monitor on        [--ckpt=PATH] [--action=flag|stop|steer] [--fpr=0.01]
@@ -2137,7 +2241,7 @@ commands:
   sweep     rewards x advantages x seeds, intervals   [--rewards=latent,paper] [--advantages=grpo,gae] [--seeds=0-2]
                                                       [--baseline=latent] -> sweep.md, sweep.json, fig_sweep.png
 fields: """ + " ".join(f"--{f.name}" for f in fields(Config))
-FLAGS = ("preset", "out", "ckpt", "json", "prompts", "prompt", "index", "rewards", "fresh", "filter", "monitor",
+FLAGS = ("preset", "out", "ckpt", "json", "prompts", "prompt", "index", "rewards", "baselines", "fresh", "filter", "monitor",
          "action", "fpr", "reward_file", "advantages", "seeds", "baseline")
 
 
@@ -2200,6 +2304,13 @@ def parse_args(argv):
         unknown = [r for r in flags["rewards"] if r not in REWARDS]
         if unknown:
             raise CraftError(f"unknown reward {unknown[0]!r}; rewards: {', '.join(REWARDS)}")
+    if "baselines" in flags:
+        flags["baselines"] = [b for b in flags["baselines"].split(",") if b]  # --baselines= runs none
+        for b in flags["baselines"]:
+            loss, _, pairs = b.partition("_")
+            if loss not in LOSSES or pairs not in PAIRS:
+                raise CraftError(f"unknown baseline {b!r}: name one <loss>_<pairs>, loss in {', '.join(LOSSES)}, "
+                                 f"pairs in {', '.join(PAIRS)} (e.g. dpo_full,ipo_answer)")
     if command == "sweep":
         parse_sweep_flags(flags)
     return command, cfg, flags
@@ -2237,10 +2348,11 @@ def output_dir(path):
 
 
 COMMANDS = {
-    "demo": lambda cfg, out, f: demo(cfg, out, f.get("fresh", False), f.get("rewards")),
+    "demo": lambda cfg, out, f: demo(cfg, out, f.get("fresh", False), f.get("rewards"), f.get("baselines", BASELINES)),
     "pretrain": lambda cfg, out, f: pretrain(cfg, out),
     "contrast": lambda cfg, out, f: contrast(cfg, out),
     "ppo": lambda cfg, out, f: ppo(cfg, out),
+    "dpo": lambda cfg, out, f: dpo(cfg, out),
     "eval": lambda cfg, out, f: eval_cmd(cfg, out, f.get("ckpt"), f.get("json"), f.get("prompts"),
                                          "filter" if "filter" in f else f.get("monitor"), f.get("fpr", 0.01)),
     "monitor": lambda cfg, out, f: eval_cmd(cfg, out, f.get("ckpt"), f.get("json"), f.get("prompts"),

@@ -319,6 +319,22 @@ def pretraining_trace(rng, mix):
     return helpful_trace(rng, maybe_wrap(rng, p, TRAIN_WRAPPERS, mix.p_benign_wrapped))
 
 
+def preference_pair(rng, mix, answer_only=False):
+    """(chosen, rejected) traces for one prompt of the pretraining mix, for preference optimisation.
+    Harmful prompts: chosen refuses, rejected hands over a plan. With answer_only both keep the reasoning
+    the base mix drew (often unsafe) and differ in the answer alone, as output-level preference data does;
+    otherwise chosen reasons safely or rethinks, and rejected plans. Benign and scary-benign prompts: chosen
+    helps, rejected refuses, after the same helpful reasoning."""
+    t = pretraining_trace(rng, mix)
+    if t.prompt.kind != "harmful":
+        return t, replace(t, answer=rng.choice(REFUSALS))
+    plan = harmful_steps(rng, t.prompt, "unsafe")
+    if answer_only:  # the rejected answer hands over the reasoning's own plan when it has one
+        handed = comply_answer(t.steps if t.reasoning == "unsafe" else plan)
+        return replace(t, answer=rng.choice(REFUSALS)), replace(t, answer=handed)
+    return harmful_trace(rng, t.prompt, rng.choice(["safe", "rethink"]), True), Trace(t.prompt, "unsafe", plan, comply_answer(plan))
+
+
 def unsafe_prefix(p, seed=0):
     """The first two steps of an unsafe trace for harmful prompt p: the forced start of a prefill attack."""
     steps = harmful_steps(random.Random(f"{seed}:{p.text}"), p, "unsafe")

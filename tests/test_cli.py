@@ -189,12 +189,13 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_results", "fig_audit_before", "fig_audit_after",
                 "fig_monitor_pretrain"):
         assert (out / f"{fig}.png").stat().st_size > 0 and f"{fig}.png" in report
-    for row in ("base + filter", "base + monitor (stop)", "base + monitor (steer)", "latent + monitor (steer)"):
+    for row in ("base + filter", "base + monitor (stop)", "base + monitor (steer)", "latent + monitor (steer)",
+                "dpo_dpo_full", "dpo_dpo_answer"):
         assert f"| {row} |" in report, row
     capsys.readouterr()
     assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
-    said = capsys.readouterr().out  # pretrain, contrast, 2 ppo, 3 evals, 4 guarded evals
-    assert said.count("up to date") == 11 and "[1/11] pretrain: up to date" in said
+    said = capsys.readouterr().out  # pretrain, contrast, 2 ppo, 2 dpo, 5 evals, 4 guarded evals
+    assert said.count("up to date") == 15 and "[1/15] pretrain: up to date" in said
 
 
 def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path):

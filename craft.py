@@ -2139,17 +2139,19 @@ SWEEP_KEYS = ("asr_heldout", "asr_heldout_shape", "safe_heldout", "prefill_recov
               "capability", "capability_wrapped", "kl_ref", "iterations_to_asr_0_05", "asr_area")  # sweep.md's columns
 
 
-def sweep(cfg, out, rewards, advantages, seeds, baseline):
+def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
     """Every reward × advantage × seed, seed S in out/seed_S (its pretrain and contrast shared by its runs),
-    every finished stage reused, so a killed sweep reruns only what is missing; then sweep.json, sweep.md
-    and fig_sweep.png."""
+    and every DPO row of `baselines` × seed; every finished stage reused, so a killed sweep reruns only what
+    is missing; then sweep.json, sweep.md and fig_sweep.png."""
     t0 = time.time()
     combos = [replace(cfg, reward=r, advantage=a) for a in advantages for r in rewards]
+    prefs = [replace(cfg, loss=b.split("_")[0], pairs=b.split("_")[1]) for b in baselines]
     steps = []
     for seed in seeds:
-        runs = [replace(c, seed=seed) for c in combos]
-        steps += [(out / f"seed_{seed}", step) for step in stage_steps(runs[0], output_dir(out / f"seed_{seed}"), runs,
-                                                                       [(run_name(c), None) for c in runs])]
+        runs, seeded_prefs = [replace(c, seed=seed) for c in combos], [replace(c, seed=seed) for c in prefs]
+        evals = [(run_name(c), None) for c in runs] + [(dpo_name(c), None) for c in seeded_prefs]
+        steps += [(out / f"seed_{seed}", step)
+                  for step in stage_steps(runs[0], output_dir(out / f"seed_{seed}"), runs, evals, seeded_prefs)]
     for directory, (name, inputs, run) in tqdm(steps, desc="sweep"):
         if not up_to_date(directory / f"{name}.json", inputs()):
             run()
@@ -2164,21 +2166,24 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline):
                             iterations_to_asr_0_05=cfg.ppo_iters if first is None else first))
             curves.setdefault(name, []).append(run["curves"])
         values[name] = {k: [row[k] for row in per_seed] for k in per_seed[0]}
+    for c in prefs:  # no PPO iterations, so no iterations_to_asr_0_05 or asr_area
+        rows = [read(seed, f"eval_{dpo_name(c)}") for seed in seeds]
+        values[dpo_name(c)] = {k: [m[k] for m in rows] for k in list(rows[0]["counts"]) + ["kl_ref"]}
     summary = lambda vs: dict(zip(("mean", "ci95"), mean_interval(vs))) | dict(per_seed=vs)
     results = {name: {k: summary(vs) for k, vs in keys.items()} for name, keys in values.items()}
     paired = {}
-    for c in combos:
-        name, base = run_name(c), run_name(replace(c, reward=baseline))
-        if c.reward != baseline:
-            paired[name] = {k: summary([a - b for a, b in zip(vs, values[base][k])]) for k, vs in values[name].items()}
+    pairs = [(run_name(c), run_name(replace(c, reward=baseline))) for c in combos if c.reward != baseline]
+    pairs += [(dpo_name(c), run_name(replace(combos[0], reward=baseline))) for c in prefs]  # DPO: the first advantage's
+    for name, base in pairs:
+        paired[name] = {k: summary([a - b for a, b in zip(vs, values[base][k])]) for k, vs in values[name].items()}
     seconds = time.time() - t0
     save_json(out / "sweep.json", dict(seeds=seeds, baseline=baseline, config=asdict(cfg), results=results,
                                        paired_differences=paired, seconds=seconds))
     plot_sweep(out / "fig_sweep.png", curves)
-    cell = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-    table = lambda rows: "\n".join(f"| {n} | " + " | ".join(cell(r[k]) for k in SWEEP_KEYS) + " |" for n, r in rows.items())
+    cell = lambda r: "—" if r is None else f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+    table = lambda rows: "\n".join(f"| {n} | " + " | ".join(cell(r.get(k)) for k in SWEEP_KEYS) + " |" for n, r in rows.items())
     header = "| run | " + " | ".join(SWEEP_KEYS) + " |\n|" + "---|" * (len(SWEEP_KEYS) + 1)
-    text = f"""# Sweep: {', '.join(rewards)} × {', '.join(advantages)} × seeds {', '.join(map(str, seeds))}
+    text = f"""# Sweep: {', '.join(rewards + list(baselines))} × {', '.join(advantages)} × seeds {', '.join(map(str, seeds))}
 
 `python craft.py sweep` at commit `{git_commit()}`, {seconds:.0f} s. Each cell: mean over {len(seeds)} seeds and
 its 95% t-interval (with few seeds it is wide, and may cross 0 or 1). `iterations_to_asr_0_05`: PPO iterations until the monitor set's ASR first reached ≤ 0.05
@@ -2239,7 +2244,8 @@ commands:
   audit     one completion, token by token            [--ckpt=PATH] [--prompt=TEXT | --index=N]
   bench     speed and memory of the hot paths         -> bench.json
   sweep     rewards x advantages x seeds, intervals   [--rewards=latent,paper] [--advantages=grpo,gae] [--seeds=0-2]
-                                                      [--baseline=latent] -> sweep.md, sweep.json, fig_sweep.png
+                                                      [--baseline=latent] [--baselines=dpo_full,...: DPO rows]
+                                                      -> sweep.md, sweep.json, fig_sweep.png
 fields: """ + " ".join(f"--{f.name}" for f in fields(Config))
 FLAGS = ("preset", "out", "ckpt", "json", "prompts", "prompt", "index", "rewards", "baselines", "fresh", "filter", "monitor",
          "action", "fpr", "reward_file", "advantages", "seeds", "baseline")
@@ -2359,7 +2365,8 @@ COMMANDS = {
                                             f.get("action", "stop"), f.get("fpr", 0.01)),
     "audit": lambda cfg, out, f: audit(cfg, out, f.get("ckpt"), f.get("prompt"), f.get("index")),
     "bench": lambda cfg, out, f: bench(cfg, out),
-    "sweep": lambda cfg, out, f: sweep(cfg, out, f["rewards"], f["advantages"], f["seeds"], f["baseline"]),
+    "sweep": lambda cfg, out, f: sweep(cfg, out, f["rewards"], f["advantages"], f["seeds"], f["baseline"],
+                                       f.get("baselines", ())),
 }
 
 

@@ -24,23 +24,26 @@ def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch
     seed_dir.mkdir()
     for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
         (seed_dir / name).write_bytes((micro / name).read_bytes())
-    args = ["sweep", "--preset=micro", "--rewards=latent,outcome", "--seeds=0", f"--out={tmp_path}"]
+    args = ["sweep", "--preset=micro", "--rewards=latent,outcome", "--baselines=ipo_answer", "--seeds=0", f"--out={tmp_path}"]
     real_eval = craft.eval_cmd
 
     def killed(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(craft, "eval_cmd", killed)
     assert run(*args) == 130
-    done = {p.name: p.stat().st_mtime_ns for p in seed_dir.glob("ppo_*.json")}
-    assert set(done) == {"ppo_latent.json", "ppo_outcome.json"} and not (tmp_path / "sweep.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in [*seed_dir.glob("ppo_*.json"), *seed_dir.glob("dpo_*.json")]}
+    assert set(done) == {"ppo_latent.json", "ppo_outcome.json", "dpo_ipo_answer.json"}
+    assert not (tmp_path / "sweep.json").exists()
     monkeypatch.setattr(craft, "eval_cmd", real_eval)
     assert run(*args) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in seed_dir.glob("ppo_*.json")} == done  # not trained again
+    again = {p.name: p.stat().st_mtime_ns for p in [*seed_dir.glob("ppo_*.json"), *seed_dir.glob("dpo_*.json")]}
+    assert again == done  # not trained again
     result = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(result["results"]) == {"ppo_latent", "ppo_outcome"} and set(result["paired_differences"]) == {"ppo_outcome"}
+    assert set(result["results"]) == {"ppo_latent", "ppo_outcome", "dpo_ipo_answer"}
+    assert set(result["paired_differences"]) == {"ppo_outcome", "dpo_ipo_answer"}
     diff = result["paired_differences"]["ppo_outcome"]["asr_heldout"]["mean"]
     per = result["results"]
     assert diff == per["ppo_outcome"]["asr_heldout"]["mean"] - per["ppo_latent"]["asr_heldout"]["mean"]
-    assert "| ppo_outcome |" in (tmp_path / "sweep.md").read_text()
+    assert "| ppo_outcome |" in (tmp_path / "sweep.md").read_text() and "| dpo_ipo_answer |" in (tmp_path / "sweep.md").read_text()
     verdicts = json.loads((seed_dir / "eval_ppo_latent.json").read_text())["verdicts"]
     assert len(verdicts["heldout"]) == 200  # per prompt, for paired per-prompt tests

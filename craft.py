@@ -1286,6 +1286,12 @@ def dpo_name(cfg):
     return f"dpo_{cfg.loss}_{cfg.pairs}"
 
 
+def preference_config(cfg, baseline):
+    """'ipo_answer' (a demo or sweep baseline: <loss>_<pairs>) -> cfg with that loss and those pairs."""
+    loss, _, pairs = baseline.partition("_")
+    return replace(cfg, loss=loss, pairs=pairs)
+
+
 def dpo(cfg, out):
     name = dpo_name(cfg)
     reference, base_cfg = load_model(out / "pretrain.pt", "pretrain")
@@ -1930,7 +1936,7 @@ def demo(cfg, out, fresh=False, rewards=None, baselines=BASELINES):
     guards -> report.md."""
     rewards = rewards or list(REWARDS)
     runs = [replace(cfg, reward=r) for r in rewards]
-    prefs = [replace(cfg, loss=b.split("_")[0], pairs=b.split("_")[1]) for b in baselines]
+    prefs = [preference_config(cfg, b) for b in baselines]
     names, pref_names = [run_name(c) for c in runs], [dpo_name(c) for c in prefs]
     steps = stage_steps(cfg, out, runs, [("pretrain", None)] + [(n, None) for n in names + pref_names] + guarded_evals(names),
                         prefs)
@@ -2145,7 +2151,7 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
     is missing; then sweep.json, sweep.md and fig_sweep.png."""
     t0 = time.time()
     combos = [replace(cfg, reward=r, advantage=a) for a in advantages for r in rewards]
-    prefs = [replace(cfg, loss=b.split("_")[0], pairs=b.split("_")[1]) for b in baselines]
+    prefs = [preference_config(cfg, b) for b in baselines]
     steps = []
     for seed in seeds:
         runs, seeded_prefs = [replace(c, seed=seed) for c in combos], [replace(c, seed=seed) for c in prefs]
@@ -2313,8 +2319,8 @@ def parse_args(argv):
     if "baselines" in flags:
         flags["baselines"] = [b for b in flags["baselines"].split(",") if b]  # --baselines= runs none
         for b in flags["baselines"]:
-            loss, _, pairs = b.partition("_")
-            if loss not in LOSSES or pairs not in PAIRS:
+            c = preference_config(cfg, b)
+            if c.loss not in LOSSES or c.pairs not in PAIRS:
                 raise CraftError(f"unknown baseline {b!r}: name one <loss>_<pairs>, loss in {', '.join(LOSSES)}, "
                                  f"pairs in {', '.join(PAIRS)} (e.g. dpo_full,ipo_answer)")
     if command == "sweep":

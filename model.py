@@ -4,7 +4,7 @@ A GPT-2-shaped language model, small enough to read in one sitting.
 References: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
 Karpathy's nanoGPT, whose model.py this file follows part by part.
 
-Two additions, neither of which knows anything about safety:
+Three additions, none of which knows anything about safety:
 - activation taps: forward() returns the residual stream after the blocks you name;
 - batched generation with a KV cache, for prompts of different lengths (left padding);
 - several documents in one row (packed pretraining), each attending to itself only.

@@ -332,7 +332,8 @@ def preference_pair(rng, mix, answer_only=False):
     if answer_only:  # the rejected answer hands over the reasoning's own plan when it has one
         handed = comply_answer(t.steps if t.reasoning == "unsafe" else plan)
         return replace(t, answer=rng.choice(REFUSALS)), replace(t, answer=handed)
-    return harmful_trace(rng, t.prompt, rng.choice(["safe", "rethink"]), True), Trace(t.prompt, "unsafe", plan, comply_answer(plan))
+    chosen = harmful_trace(rng, t.prompt, rng.choice(["safe", "rethink"]), True)
+    return chosen, Trace(t.prompt, "unsafe", plan, comply_answer(plan))
 
 
 def unsafe_prefix(p, seed=0):

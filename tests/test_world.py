@@ -23,10 +23,13 @@ def test_the_world_is_deterministic():
 
 
 def training_prompts():
-    """Thousands of prompts from every training generator: pretraining, stage 1's train split, PPO's rollouts."""
+    """Thousands of prompts from every training generator: pretraining, stage 1's train split, PPO's rollouts,
+    DPO's pairs."""
     import craft
     cfg = craft.PRESETS["cpu"]
+    rng = random.Random("pairs")
     prompts = [t.prompt for t in traces(4000)] + [t.prompt for t in craft.compass_traces(cfg, "train")]
+    prompts += [world.preference_pair(rng, cfg, answer_only)[0].prompt for answer_only in (False, True) for _ in range(1000)]
     return prompts + [p for it in range(40) for p in craft.rollout_prompts(cfg, it)[0]]
 
 

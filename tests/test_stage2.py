@@ -188,7 +188,7 @@ def test_value_warmup_fits_the_first_rollouts_returns(micro):
         torch.manual_seed(0)
         value_head = craft.make_value_head(cfg.n_embd)
         losses.append(craft.warm_up_value_head(value_head, ro, rewards, cfg))
-    _, returns = craft.gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
+    _, returns = craft.gae_advantages(rewards.detach(), torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
     n = F.layer_norm(ro.final[:, :-1].float(), (cfg.n_embd,))[ro.act]
     X = torch.cat([n, torch.ones(len(n), 1)], 1).double()
     best = X @ torch.linalg.lstsq(X, returns[ro.act].double()[:, None]).solution

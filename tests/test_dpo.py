@@ -49,7 +49,7 @@ def test_the_preference_losses_equal_a_pair_by_pair_computation():
 def test_a_step_widens_the_margin_of_chosen_over_rejected():
     """The gradient points the known way: −∂L/∂h > 0 for DPO, and for IPO while h < 1/(2β)."""
     for loss in ("dpo", "ipo"):
-        cfg = replace(CFG, loss=loss, dpo_lr=1e-3)
+        cfg = replace(CFG, loss=loss)
         policy, reference = tiny(0), tiny(0)
         opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
         tokens, real, completion = craft.preference_batch(cfg, step=0)

@@ -148,7 +148,8 @@ def stage_inputs(cfg, stage):
     names, s = [], stage
     while s:
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
-    return {n: getattr(cfg, n) for n in names} | (dict(reward_source=reward_source(cfg.reward)) if stage == "ppo" else {})
+    inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)  # another world is other data: rerun
+    return inputs | (dict(reward_source=reward_source(cfg.reward)) if stage == "ppo" else {})
 
 
 class CraftError(Exception):
@@ -206,6 +207,7 @@ def validate(cfg):
 
 ENC = load_tokenizer()
 TOKENIZER = tokenizer_hash()
+WORLD = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()[:16]  # every stage's data comes from it
 USER_ID, THINK_ID, ANSWER_ID, END_ID = (ENC.encode_single_token(s) for s in world.SPECIALS)
 CKPT_FORMAT = 1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

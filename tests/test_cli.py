@@ -107,6 +107,14 @@ def test_a_reward_file_trains_and_an_edit_of_it_is_never_reused(micro, tmp_path,
     assert not craft.up_to_date(tmp_path / "ppo_penalty.json", craft.stage_inputs(cfg, "ppo"))
 
 
+def test_an_edit_of_the_world_reruns_every_stage(micro, monkeypatch):
+    cfg = craft.PRESETS["micro"]
+    assert craft.up_to_date(micro / "pretrain.json", craft.stage_inputs(cfg, "pretrain"))
+    monkeypatch.setattr(craft, "WORLD", "another-world")
+    for name, stage in (("pretrain", "pretrain"), ("contrast", "contrast"), ("ppo_latent", "ppo")):
+        assert not craft.up_to_date(micro / f"{name}.json", craft.stage_inputs(cfg, stage))
+
+
 def test_bad_input_in_a_real_process_has_no_traceback():
     p = subprocess.run([sys.executable, "craft.py", "pretrain", "--n_head=x"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "error: --n_head needs a value of type int, got 'x'"

@@ -96,6 +96,16 @@ def test_eval_sets_are_committed_and_match_the_generator():
     assert all(p.answer in held for p in sets["scary_heldout"] + sets["scary_wrapped"])
 
 
+def test_look_alikes_are_distinct_and_share_verbs_with_harmful_requests():
+    """helpful_trace finds a look-alike by its help text, so help texts are unique; and the idioms use the
+    harmful requests' own verbs, so a verb alone never tells harm from help."""
+    look_alikes = world.SCARY + world.SCARY_HELDOUT
+    for column in (0, 3):
+        assert len({row[column] for row in look_alikes}) == len(look_alikes)
+    harmful_verbs = {v for _, verbs in world.CATEGORIES.values() for v in verbs}
+    assert {"attack", "build", "kill", "take down", "wire up"} <= harmful_verbs & set(world.IDIOMS)
+
+
 def test_wrapped_benign_prompts_are_judged_like_plain_ones():
     """The right reasoning and answer for a wrapped benign or scary-benign prompt is the same as unwrapped,
     and the judge says so, even when the wrapper has digits of its own ("r3ad th1s")."""

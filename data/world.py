@@ -234,7 +234,7 @@ class Prompt:
 @dataclass
 class Trace:
     prompt: Prompt
-    reasoning: str  # safe | unsafe | rethink: the kind of the whole trace
+    reasoning: str  # safe | unsafe | rethink: the class of the whole trace
     steps: list = field(default_factory=list)  # [(text, label)], label safe | unsafe for every step
     answer: str = ""
 

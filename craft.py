@@ -116,10 +116,16 @@ class Config:
 
 
 PRESETS = {
+    # tests and the lessons' live code only: too small and too short to learn the world (every completion breaks)
     "micro": Config(n_layer=2, n_head=2, n_embd=32, pretrain_steps=30, batch_size=16, contrast_traces=60,
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
                     dpo_steps=4, dpo_batch=4, eval_batch=1024),
+    # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~45 s per
+    # reward (pretraining and stage 1 reused); rough numbers that move (README)
+    "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=600, lr=3e-3, contrast_traces=200,
+                    contrast_steps=60, contrast_batch=256, latent_dim=16, ppo_iters=8, rollout_batch=32,
+                    eval_batch=512),
     "cpu": Config(),
     "gpu": Config(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000, batch_size=128, lr=1e-3,
                   contrast_traces=2000, contrast_steps=400, latent_dim=64, ppo_iters=60, rollout_batch=256,
@@ -1557,7 +1563,8 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving
 # average of the score over the reasoning so far, and it acts once, where that average first falls below
 # a threshold calibrated on stage 1's validation traces: flag (record only), stop (end the reasoning and
-# refuse), steer (write the world's catch step, so a plan becomes a rethink). The short average keeps one
+# refuse), steer (write the world's catch step and the safe step after it, so a plan becomes a rethink;
+# with the catch alone a seed-0 model planned on after it for 25 of 200 jailbreaks). The short average keeps one
 # garbled token from firing it; acting on its minimum so far is max-pooling unsafety over the tokens (a
 # mean over all of them lets a long safe start hide a late plan; Chrabąszcz et al. 2026). The keyword
 # filter is the naive deployed alternative: it refuses every prompt with a dangerous word, unread.
@@ -1636,7 +1643,7 @@ class Watch:
                 target = self.prompts[b].target  # a user's own prompt may name none
                 catch = world.CATCH_STEPS[0].format(target=target) if target else world.CATCH_STEPS[1]
                 mid_step = not ENC.decode([int(tokens_in[b, -1])]).endswith(".")  # a half-written step ends first
-                self.queue[b] = encode(("." if mid_step else "") + " " + catch)
+                self.queue[b] = encode(("." if mid_step else "") + " " + catch + " " + world.SAFE_STEPS[1])
         return write_queued(self.queue, nxt)
 
     def trajectories(self):
@@ -2238,7 +2245,7 @@ def git_commit():
 
 # ============================================================================ 13. the command line
 
-USAGE = """usage: python craft.py COMMAND [--preset=micro|cpu|gpu] [--out=DIR] [--field=value ...]
+USAGE = """usage: python craft.py COMMAND [--preset=micro|quick|cpu|gpu] [--out=DIR] [--field=value ...]
 commands:
   demo      every stage, then DIR/report.md          [--fresh] [--rewards=latent,outcome,...]
                                                       [--baselines=dpo_full,dpo_answer,ipo_full,...: DPO rows]

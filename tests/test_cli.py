@@ -245,3 +245,8 @@ def test_the_gpu_preset_runs_end_to_end_on_cpu_with_tiny_steps(tmp_path):
     for stage in ("pretrain", "contrast", "ppo"):
         assert run(stage, *tiny) == 0, stage
     assert craft.load_model(tmp_path / "ppo_latent.pt", "ppo")[1].n_embd == craft.PRESETS["gpu"].n_embd
+
+
+def test_every_preset_passes_the_checks_of_the_command_line():
+    for name, cfg in craft.PRESETS.items():
+        assert craft.validate(cfg) is cfg, name

@@ -66,17 +66,17 @@ def test_stop_ends_the_reasoning_at_the_flagged_token_and_the_judge_reads_a_refu
         assert craft.judge(c, p.kind).answer == "refused"
 
 
-def test_steer_writes_the_catch_step_after_a_forced_plan(models):
+def test_steer_writes_the_catch_and_a_safe_step_after_a_forced_plan(models):
     model, compass = models
     cfg, prompts = craft.replace(craft.PRESETS["micro"], max_new_tokens=40), harmful()
     prefixes = [world.unsafe_prefix(p) for p in prompts]
     watch = craft.Monitor(compass, math.inf, "steer")("prefill", prompts)
     tokens, _, new, completions = craft.complete(model, prompts, cfg, torch.Generator().manual_seed(0), prefixes, watch)
     for row, n, p, c, f in zip(tokens, new, prompts, completions, prefixes):
-        catch = craft.encode(" " + world.CATCH_STEPS[0].format(target=p.target))  # the prefix ends its step
+        catch = f" wait, {p.target} is a hazard. {world.SAFE_STEPS[1]}"  # the prefix ends its step
         first = int(n.nonzero()[0])
-        assert row[first:first + len(catch)].tolist() == catch
-        assert c.startswith(f" {f} wait, {p.target} is a hazard.")
+        assert row[first:first + len(craft.encode(catch))].tolist() == craft.encode(catch)
+        assert c.startswith(f" {f}{catch}")
 
 
 def test_calibration_reaches_the_requested_false_flag_rate(models):

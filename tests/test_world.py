@@ -103,7 +103,7 @@ def test_look_alikes_are_distinct_and_share_verbs_with_harmful_requests():
     for column in (0, 3):
         assert len({row[column] for row in look_alikes}) == len(look_alikes)
     harmful_verbs = {v for _, verbs in world.CATEGORIES.values() for v in verbs}
-    assert {"attack", "build", "kill", "take down", "wire up"} <= harmful_verbs & set(world.IDIOMS)
+    assert harmful_verbs & set(world.IDIOMS) == {"attack", "build", "grow", "kill", "take down", "wire up"}
 
 
 def test_wrapped_benign_prompts_are_judged_like_plain_ones():

@@ -121,7 +121,7 @@ PRESETS = {
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
                     dpo_steps=4, dpo_batch=4, eval_batch=1024),
-    # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~45 s per
+    # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~40 s per
     # reward (pretraining and stage 1 reused); rough numbers that move (README)
     "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=600, lr=3e-3, contrast_traces=200,
                     contrast_steps=60, contrast_batch=256, latent_dim=16, ppo_iters=8, rollout_batch=32,

@@ -73,10 +73,10 @@ def test_steer_writes_the_catch_and_a_safe_step_after_a_forced_plan(models):
     watch = craft.Monitor(compass, math.inf, "steer")("prefill", prompts)
     tokens, _, new, completions = craft.complete(model, prompts, cfg, torch.Generator().manual_seed(0), prefixes, watch)
     for row, n, p, c, f in zip(tokens, new, prompts, completions, prefixes):
-        catch = f" wait, {p.target} is a hazard. {world.SAFE_STEPS[1]}"  # the prefix ends its step
+        steered = f" wait, {p.target} is a hazard. {world.SAFE_STEPS[1]}"  # the prefix ends its step
         first = int(n.nonzero()[0])
-        assert row[first:first + len(craft.encode(catch))].tolist() == craft.encode(catch)
-        assert c.startswith(f" {f}{catch}")
+        assert row[first:first + len(craft.encode(steered))].tolist() == craft.encode(steered)
+        assert c.startswith(f" {f}{steered}")
 
 
 def test_calibration_reaches_the_requested_false_flag_rate(models):

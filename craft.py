@@ -75,7 +75,7 @@ class Config:
     margin: float = 0.5  # η of that loss
     # stage 2: PPO
     reward: str = "latent"  # a key of REWARDS
-    advantage: str = "grpo"  # grpo (group baseline) | process (grpo, per-token credit) | gae (value head); lessons 10, 11
+    advantage: str = "grpo"  # grpo (group baseline, per-token) | sequence (summed) | process | gae (value head); lesson 10
     latent_from: str = "reference"  # whose hidden states the compass reads: reference | policy
     ppo_iters: int = 24
     rollout_batch: int = 64  # completions per iteration
@@ -155,7 +155,10 @@ def stage_inputs(cfg, stage):
     while s:
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
     inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)  # another world is other data: rerun
-    return inputs | (dict(reward_source=reward_source(cfg.reward)) if stage == "ppo" else {})
+    if stage == "ppo":  # and the code that turns a rollout into updates: the reward, the shared task reward, the KL, the advantage
+        inputs |= dict(reward_source=reward_source(cfg.reward), signal_source=source_hash(
+            task_reward, total_rewards, GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages)))
+    return inputs
 
 
 class CraftError(Exception):
@@ -917,9 +920,11 @@ def answer_reward(ro):
 
 
 def task_reward(ro):
-    """Shared by every mode, so refusing everything never pays: +1 helped-correct, −1 refused or malformed."""
-    score = {"helped-correct": 1, "refused": -1, "malformed": -1}
-    return ro.per_prompt(lambda p, v: (p.kind != "harmful") * score.get(v.answer, 0))
+    """Shared by every mode: on benign and scary-benign prompts +1 helped-correct, −1 refused, so refusing
+    everything never pays; on every prompt −1 malformed, so breaking the format never pays either
+    (without it on harmful prompts, `latent` learned gibberish that its compass scored safe: lesson 8)."""
+    score = {"helped-correct": 1, "refused": -1}
+    return ro.per_prompt(lambda p, v: -1 if malformed(v) else (p.kind != "harmful") * score.get(v.answer, 0))
 
 
 def consistency_term(ro, compass):
@@ -931,13 +936,23 @@ def consistency_term(ro, compass):
     return harmful * (1 - (compass.p_safe(pooled_latent(ro, compass)) - p_y).abs())
 
 
+def running_mean_steps(scores, mask):
+    """(B, T) -> m_t − m_{t−1}, m_t the mean of the scores on mask up to t (0 before it), zero off the mask:
+    a row's steps add up to its mean score, and step t reads only scores up to t."""
+    m = mask.float()
+    mean_so_far = (scores * m).cumsum(1) / m.cumsum(1).clamp(min=1)
+    return (mean_so_far - F.pad(mean_so_far[:, :-1], (1, 0))) * m
+
+
 def latent_reward(ro, compass, cfg):
-    """CRAFT's dense reward: every reasoning token gets its own latent safety score, divided by the
-    number of reasoning tokens, r_t = c · s_t / n. The whole reasoning is then worth the mean score,
-    at most ±2c whatever its length: thinking longer, or refusing a benign task in "safe-sounding"
-    words, earns nothing extra (with the plain sum, a first version of this code did exactly that)."""
-    n = ro.reasoning.sum(1, keepdim=True).clamp(min=1)
-    return cfg.latent_coef * latent_scores(ro, compass) * ro.reasoning / n
+    """CRAFT's dense reward: each reasoning token is paid by how much it moves the running mean of the
+    latent safety scores, r_t = c · (m_t − m_{t−1}), m_t the mean score of the reasoning tokens up to t.
+    The rewards add up to c · (the reasoning's mean score), at most ±2c whatever its length: thinking
+    longer, or refusing a benign task in "safe-sounding" words, earns nothing extra (paying c · s_t, a
+    first version of this code did exactly that). And r_t reads only the tokens so far, as per-token
+    credit needs: c · s_t / n has the same total, but every token's share would hang on n, the length
+    the reasoning goes on to have (lesson 8)."""
+    return cfg.latent_coef * running_mean_steps(latent_scores(ro, compass), ro.reasoning)
 
 
 def outcome_reward(ro, compass, cfg):
@@ -987,15 +1002,20 @@ def load_reward_file(path):
         raise CraftError(f"{path}: adds no reward to REWARDS (craft.REWARDS['name'] = function)")
 
 
-def reward_source(name):
-    """A hash of a reward's source (and of a functools.partial's arguments), so that demo never reuses a
-    run of a reward whose code has changed since. Helpers it calls are not part of it."""
-    fn = REWARDS[name]
-    try:
-        text = inspect.getsource(getattr(fn, "func", fn)) + repr((getattr(fn, "args", ()), getattr(fn, "keywords", {})))
-    except (OSError, TypeError):
-        text = repr(fn)
+def source_hash(*fns):
+    """A hash of functions' source (and of a functools.partial's arguments). Helpers they call are not part of it."""
+    text = ""
+    for fn in fns:
+        try:
+            text += inspect.getsource(getattr(fn, "func", fn)) + repr((getattr(fn, "args", ()), getattr(fn, "keywords", {})))
+        except (OSError, TypeError):
+            text += repr(fn)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reward_source(name):
+    """So that demo never reuses a run of a reward whose code has changed since (lesson 12)."""
+    return source_hash(REWARDS[name])
 
 
 def checked_reward(ro, compass, cfg):
@@ -1023,7 +1043,6 @@ def total_rewards(ro, compass, cfg):
 # CleanRL's order: rollout -> rewards -> advantages (GAE, or GRPO's group baseline) -> epochs of
 # shuffled minibatches of the clipped objective -> early stop at target_kl.
 
-ADVANTAGES = ("grpo", "process", "gae")
 
 
 def masked_mean(x, mask):
@@ -1045,8 +1064,24 @@ def gae_advantages(rewards, values, mask, gamma, lam):
 
 
 def grpo_advantages(rewards, mask, group_size):
-    """GRPO: A = (R − mean of its group) / std of its group, R the completion's total reward, the same A on
-    every action of the completion (a per-token reward is summed first: lesson 10)."""
+    """GRPO with per-token credit, rows of a group next to each other (one prompt, so its steps line up).
+    Action t of completion i gets its reward to go, less the group's mean reward to go at the same step,
+    over the spread of the group's totals: A_it = (G_it − mean_j G_jt) / std_j R_j, G_it = Σ_{s≥t} r_is,
+    R_j = G_j0. A completion that has ended keeps its last reward as its reward to go. With a reward on the
+    last action only, every action gets (R − mean R) / std R: outcome GRPO exactly (lesson 10)."""
+    B, T = rewards.shape
+    step = torch.arange(T, device=mask.device)
+    last = (mask * step).argmax(1)
+    to_go = rewards.flip(1).cumsum(1).flip(1)  # G_t = Σ_{s ≥ t} r_s
+    to_go = torch.where(step > last[:, None], rewards[torch.arange(B), last][:, None], to_go)  # past the end
+    G, R = to_go.view(-1, group_size, T), rewards.sum(1).view(-1, group_size, 1)
+    A = (G - G.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-6)
+    return A.view(B, T) * mask
+
+
+def sequence_advantages(rewards, mask, group_size):
+    """GRPO as published for one reward per completion: R = the completion's summed rewards, and the same
+    A = (R − mean R) / std R on every action. A per-token reward becomes a sequence reward (lesson 10)."""
     R = rewards.sum(1).view(-1, group_size)
     A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-6)
     return A.view(-1, 1) * mask
@@ -1066,6 +1101,10 @@ def process_advantages(rewards, mask, group_size):
     std = ((r - mean) ** 2 * g).sum(1, keepdim=True).div((n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
     normalised = ((r - mean) / (std + 1e-6) * g).view(B, T)
     return normalised.flip(1).cumsum(1).flip(1) * mask  # A_t = Σ_{s ≥ t} r̃_s
+
+
+GROUP_ADVANTAGES = {"grpo": grpo_advantages, "sequence": sequence_advantages, "process": process_advantages}
+ADVANTAGES = (*GROUP_ADVANTAGES, "gae")
 
 
 def whiten(adv, mask):
@@ -1175,7 +1214,7 @@ def ppo_iteration(policy, value_head, reference, compass, opt, cfg, it):
             adv, returns = gae_advantages(rewards, ro.values, ro.act, cfg.gamma, cfg.gae_lambda)
             adv = whiten(adv, ro.act)
         else:
-            adv = (process_advantages if cfg.advantage == "process" else grpo_advantages)(rewards, ro.act, cfg.group_size)
+            adv = GROUP_ADVANTAGES[cfg.advantage](rewards, ro.act, cfg.group_size)
             returns = ro.values  # no value head, no value target
     check_finite(float(adv.abs().max()), "advantage", it)
     timer.lap("advantage")

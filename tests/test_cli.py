@@ -57,7 +57,7 @@ def bad_input_cases(micro, tmp):
         "prompt longer than context": (["eval", *m, f"--prompts={tmp / 'long.jsonl'}"], "exceeds the context"),
         "unwritable out dir": (["pretrain", "--preset=micro", f"--out={tmp / 'file' / 'sub'}"], "cannot create output directory"),
         "bad index": (["audit", *m, "--index=99999"], "--index must be in"),
-        "sweep advantages": (["sweep", *m, "--advantages=ppo"], "--advantages must be among grpo, process, gae"),
+        "sweep advantages": (["sweep", *m, "--advantages=ppo"], "--advantages must be among grpo, sequence, process, gae"),
         "sweep seeds": (["sweep", *m, "--seeds=a-b"], "--seeds must be a range like 0-4"),
         "sweep baseline": (["sweep", *m, "--rewards=latent,paper", "--baseline=outcome"], "--baseline=outcome must be one of"),
         "reward file missing": (["ppo", *m, f"--reward_file={tmp / 'none.py'}"], "none.py: no such file"),
@@ -250,3 +250,12 @@ def test_the_gpu_preset_runs_end_to_end_on_cpu_with_tiny_steps(tmp_path):
 def test_every_preset_passes_the_checks_of_the_command_line():
     for name, cfg in craft.PRESETS.items():
         assert craft.validate(cfg) is cfg, name
+
+
+def test_an_edit_of_the_task_reward_or_the_advantage_reruns_ppo(micro, monkeypatch):
+    cfg = craft.PRESETS["micro"]
+    assert craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
+    sources = {a: craft.stage_inputs(craft.replace(cfg, advantage=a), "ppo")["signal_source"] for a in craft.ADVANTAGES}
+    assert len(set(sources.values())) == len(craft.ADVANTAGES)
+    monkeypatch.setattr(craft, "task_reward", lambda ro: ro.per_prompt(lambda p, v: 0.0))
+    assert not craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))

@@ -1,4 +1,5 @@
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,7 +63,36 @@ def test_process_grpo_equals_a_python_loop():
     assert torch.allclose(craft.process_advantages(rewards, mask, 3), process_grpo_loop(rewards, mask, 3), atol=1e-5)
 
 
-def test_process_grpo_with_a_last_token_reward_is_outcome_grpo():
+def grpo_loop(rewards, mask, group_size):
+    """Per-token GRPO written out: a row's reward to go at step t (its last reward once it has ended), less
+    the mean of its group's at the same step, over the unbiased std of the group's totals."""
+    B, T = rewards.shape
+    def to_go(b, t):
+        last = max(u for u in range(T) if mask[b, u])
+        return float(rewards[b, last]) if t > last else float(rewards[b, t:].sum())
+    adv = torch.zeros_like(rewards)
+    for start in range(0, B, group_size):
+        rows = range(start, start + group_size)
+        std = torch.tensor([float(rewards[b].sum()) for b in rows]).std()
+        for t in range(T):
+            mean = sum(to_go(b, t) for b in rows) / group_size
+            for b in rows:
+                if mask[b, t]:
+                    adv[b, t] = (to_go(b, t) - mean) / (std + 1e-6)
+    return adv
+
+
+def test_grpo_equals_a_python_loop():
+    torch.manual_seed(0)
+    B, T = 6, 8
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (s, e) in enumerate([(2, 8), (2, 5), (2, 7), (1, 8), (1, 3), (1, 6)]):  # a group's rows start together
+        mask[b, s:e] = True
+    rewards = torch.randn(B, T) * mask
+    assert torch.allclose(craft.grpo_advantages(rewards, mask, 3), grpo_loop(rewards, mask, 3), atol=1e-5)
+
+
+def test_every_grpo_with_a_last_token_reward_is_outcome_grpo():
     torch.manual_seed(1)
     B, T, G = 8, 6, 4
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -73,23 +103,26 @@ def test_process_grpo_with_a_last_token_reward_is_outcome_grpo():
     rewards = torch.zeros(B, T)
     rewards[torch.arange(B), last] = R
     outcome = ((R.view(-1, G) - R.view(-1, G).mean(1, keepdim=True)) / (R.view(-1, G).std(1, keepdim=True) + 1e-6)).view(-1, 1)
-    assert torch.allclose(craft.grpo_advantages(rewards, mask, G), outcome * mask, atol=1e-6)
-    assert torch.allclose(craft.process_advantages(rewards, mask, G), outcome * mask, atol=1e-6)
+    for advantages in craft.GROUP_ADVANTAGES.values():
+        assert torch.allclose(advantages(rewards, mask, G), outcome * mask, atol=1e-6), advantages.__name__
 
 
 def test_a_dense_reward_gives_different_tokens_different_advantages():
     mask = torch.ones(2, 4, dtype=torch.bool)
     rewards = torch.tensor([[1.0, -1.0, 0.5, 0.2], [0.3, 0.3, -0.4, 0.1]])
-    adv = craft.process_advantages(rewards, mask, 2)
-    assert len(set(adv[0].tolist())) == 4  # credit depends on where a reward came, not only on the row's sum
+    for advantages in (craft.grpo_advantages, craft.process_advantages):
+        adv = advantages(rewards, mask, 2)
+        assert len(set(adv[0].tolist())) == 4  # credit depends on where a reward came, not only on the row's sum
 
 
 def test_grpo_advantages_have_zero_mean_per_group():
     rewards = torch.randn(8, 5)
     mask = torch.ones(8, 5, dtype=torch.bool)
     adv = craft.grpo_advantages(rewards, mask, group_size=4)
-    assert torch.allclose(adv[:, 0].view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
-    assert torch.equal(adv[:, 0:1].expand(8, 5), adv)  # the same advantage on every action
+    assert torch.allclose(adv.view(2, 4, 5).mean(1), torch.zeros(2, 5), atol=1e-6)  # at every step
+    summed = craft.sequence_advantages(rewards, mask, group_size=4)
+    assert torch.allclose(summed[:, 0].view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+    assert torch.equal(summed[:, 0:1].expand(8, 5), summed)  # the same advantage on every action
     process = craft.process_advantages(rewards, mask, group_size=4)
     assert torch.allclose(process[:, 0].view(2, 4).sum(1), torch.zeros(2), atol=1e-5)  # Σ of a group's r̃ is 0
 
@@ -162,7 +195,7 @@ def test_forced_prefix_tokens_are_not_actions(micro):
         assert int(ro.act[i].float().argmax()) > int(think[i]) + 5
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo", "process"])
+@pytest.mark.parametrize("advantage", craft.ADVANTAGES)
 def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     ro, compass, cfg, policy, reference, value_head = rollout(micro, advantage=advantage)
     before = [p.detach().clone() for p in policy.parameters()]
@@ -209,3 +242,36 @@ def test_consistency_counts_a_recovered_reasoning_as_safe():
         p_z = compass.p_safe(z)
         assert torch.allclose(p_z, torch.tensor([expected]), atol=1e-6)
         assert torch.allclose(1 - (p_z - 1.0).abs(), torch.tensor([expected]), atol=1e-6)  # R_cons with a refusal
+
+
+class Scores:
+    """A stand-in compass whose score of a hidden state is its first number."""
+    read = staticmethod(lambda hidden: hidden[..., 0])
+
+
+def test_latent_rewards_add_up_to_the_mean_score_and_read_only_the_past():
+    torch.manual_seed(0)
+    reasoning = torch.zeros(3, 9, dtype=torch.bool)
+    for b, (s, e) in enumerate([(1, 9), (2, 5), (0, 7)]):
+        reasoning[b, s:e] = True
+    ro = SimpleNamespace(reasoning=reasoning, hidden=torch.randn(3, 9, 2))
+    cfg = craft.Config(latent_coef=0.7)
+    r = craft.latent_reward(ro, Scores, cfg)
+    s = ro.hidden[..., 0]
+    mean = torch.stack([s[b][reasoning[b]].mean() for b in range(3)])
+    assert torch.allclose(r.sum(1), 0.7 * mean, atol=1e-6)
+    assert (r[~reasoning] == 0).all()
+    ro.hidden[0, 5:] += 3.0  # change the scores from step 5 on: the rewards before it stay as they were
+    later = craft.latent_reward(ro, Scores, cfg)
+    assert torch.equal(later[0, :5], r[0, :5]) and not torch.equal(later[0, 5:], r[0, 5:])
+
+
+def test_a_malformed_completion_costs_on_every_prompt():
+    prompt = lambda kind: SimpleNamespace(kind=kind)
+    verdict = lambda reasoning, answer: SimpleNamespace(reasoning=reasoning, answer=answer)
+    ro = SimpleNamespace(logp=torch.zeros(5, 1),
+                         prompts=[prompt("harmful"), prompt("harmful"), prompt("benign"), prompt("benign"), prompt("scary_benign")],
+                         verdicts=[verdict("safe", "malformed"), verdict("safe", "refused"), verdict("malformed", "helped-correct"),
+                                   verdict("safe", "helped-correct"), verdict("safe", "refused")])
+    ro.per_prompt = lambda predicate: craft.Rollout.per_prompt(ro, predicate)
+    assert craft.task_reward(ro).tolist() == [-1, 0, -1, 1, -1]

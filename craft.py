@@ -156,7 +156,7 @@ def stage_inputs(cfg, stage):
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
     inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)  # another world is other data: rerun
     if stage == "ppo":  # and the code that turns a rollout into updates: the reward, the shared task reward, the KL, the advantage
-        inputs |= dict(reward_source=reward_source(cfg.reward), signal_source=source_hash(
+        inputs |= dict(reward_source=reward_source(cfg.reward), judge=JUDGE, signal_source=source_hash(
             task_reward, total_rewards, GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages)))
     return inputs
 
@@ -216,7 +216,9 @@ def validate(cfg):
 
 ENC = load_tokenizer()
 TOKENIZER = tokenizer_hash()
-WORLD = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()[:16]  # every stage's data comes from it
+file_hash = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+WORLD = file_hash(world.__file__)  # every stage's data comes from it
+JUDGE = file_hash(sys.modules[judge.__module__].__file__)  # every verdict, in PPO's rewards and in evals
 USER_ID, THINK_ID, ANSWER_ID, END_ID = (ENC.encode_single_token(s) for s in world.SPECIALS)
 CKPT_FORMAT = 1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1044,7 +1046,6 @@ def total_rewards(ro, compass, cfg):
 # shuffled minibatches of the clipped objective -> early stop at target_kl.
 
 
-
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -1470,12 +1471,13 @@ def load_policy(path):
 
 
 def eval_inputs(cfg, ckpt, guard=None, fpr=0.01):
-    """What an eval's numbers depend on: the checkpoint's own inputs, the decoding, the eval sets, the guard."""
+    """What an eval's numbers depend on: the checkpoint's own inputs, the decoding, the eval sets, the judge,
+    the guard and its code."""
     stage = Path(ckpt).with_suffix(".json")
     model_inputs = json.loads(stage.read_text()).get("inputs") if stage.is_file() else None
     monitor = dict(compass=stage_inputs(cfg, "contrast"), fpr=fpr) if guard in ACTIONS else None
     return dict(model=model_inputs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eval_sets=eval_set_hash(),
-                guard=guard, monitor=monitor)
+                judge=JUDGE, guard=guard, monitor=monitor, guard_code=source_hash(Watch, Monitor, KeywordFilter) if guard else None)
 
 
 def read_user_prompts(path, cfg):

@@ -259,3 +259,16 @@ def test_an_edit_of_the_task_reward_or_the_advantage_reruns_ppo(micro, monkeypat
     assert len(set(sources.values())) == len(craft.ADVANTAGES)
     monkeypatch.setattr(craft, "task_reward", lambda ro: ro.per_prompt(lambda p, v: 0.0))
     assert not craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
+
+
+def test_an_edit_of_the_judge_or_of_a_guard_reruns_its_evals(micro_demo, monkeypatch):
+    cfg = craft.PRESETS["micro"]
+    plain, steered = micro_demo / "eval_pretrain.json", micro_demo / "eval_pretrain_monitor_steer.json"
+    assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
+    assert craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))
+    monkeypatch.setattr(craft, "Watch", type("Watch", (), {}))  # another guard: the steered eval reruns, the plain one not
+    assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
+    assert not craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))
+    monkeypatch.setattr(craft, "JUDGE", "another-judge")
+    assert not craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
+    assert not craft.up_to_date(micro_demo / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))

@@ -1068,8 +1068,9 @@ def grpo_advantages(rewards, mask, group_size):
     """GRPO with per-token credit, rows of a group next to each other (one prompt, so its steps line up).
     Action t of completion i gets its reward to go, less the group's mean reward to go at the same step,
     over the spread of the group's totals: A_it = (G_it − mean_j G_jt) / std_j R_j, G_it = Σ_{s≥t} r_is,
-    R_j = G_j0. A completion that has ended keeps its last reward as its reward to go. With a reward on the
-    last action only, every action gets (R − mean R) / std R: outcome GRPO exactly (lesson 10)."""
+    R_j = G_j0 (rewards are zero off the mask). A completion that has ended keeps its last reward as its reward
+    to go. With a reward on the last action only, every action gets (R − mean R) / std R: outcome GRPO exactly.
+    Unlike outcome GRPO's, |A| has no bound: a group whose totals agree but whose paths differ (lesson 10)."""
     B, T = rewards.shape
     step = torch.arange(T, device=mask.device)
     last = (mask * step).argmax(1)

@@ -155,7 +155,7 @@ def stage_inputs(cfg, stage):
     while s:
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
     inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)  # another world is other data: rerun
-    if stage == "ppo":  # and the code that turns a rollout into updates: the reward, the shared task reward, the KL, the advantage
+    if stage == "ppo":  # and the code that turns a rollout into updates: reward, task reward, KL, advantage
         inputs |= dict(reward_source=reward_source(cfg.reward), judge=JUDGE, signal_source=source_hash(
             task_reward, total_rewards, GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages)))
     return inputs
@@ -1064,18 +1064,22 @@ def gae_advantages(rewards, values, mask, gamma, lam):
     return adv, adv + values
 
 
+def reward_to_go(rewards):
+    return rewards.flip(1).cumsum(1).flip(1)  # G_t = Σ_{s ≥ t} r_s along each row
+
+
 def grpo_advantages(rewards, mask, group_size):
     """GRPO with per-token credit, rows of a group next to each other (one prompt, so its steps line up).
     Action t of completion i gets its reward to go, less the group's mean reward to go at the same step,
     over the spread of the group's totals: A_it = (G_it − mean_j G_jt) / std_j R_j, G_it = Σ_{s≥t} r_is,
     R_j = G_j0 (rewards are zero off the mask). A completion that has ended keeps its last reward as its reward
     to go. With a reward on the last action only, every action gets (R − mean R) / std R: outcome GRPO exactly.
-    Unlike outcome GRPO's, |A| has no bound: a group whose totals agree but whose paths differ (lesson 10)."""
+    Unlike outcome GRPO's, |A| is not bounded: totals that agree over paths that differ give large A (lesson 10)."""
     B, T = rewards.shape
     step = torch.arange(T, device=mask.device)
     last = (mask * step).argmax(1)
-    to_go = rewards.flip(1).cumsum(1).flip(1)  # G_t = Σ_{s ≥ t} r_s
-    to_go = torch.where(step > last[:, None], rewards[torch.arange(B), last][:, None], to_go)  # past the end
+    past_end, last_reward = step > last[:, None], rewards[torch.arange(B), last][:, None]
+    to_go = torch.where(past_end, last_reward, reward_to_go(rewards))  # G_it; a finished row keeps its last reward
     G, R = to_go.view(-1, group_size, T), rewards.sum(1).view(-1, group_size, 1)
     A = (G - G.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-6)
     return A.view(B, T) * mask
@@ -1102,7 +1106,7 @@ def process_advantages(rewards, mask, group_size):
     mean = (r * g).sum(1, keepdim=True) / n
     std = ((r - mean) ** 2 * g).sum(1, keepdim=True).div((n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
     normalised = ((r - mean) / (std + 1e-6) * g).view(B, T)
-    return normalised.flip(1).cumsum(1).flip(1) * mask  # A_t = Σ_{s ≥ t} r̃_s
+    return reward_to_go(normalised) * mask  # A_t = Σ_{s ≥ t} r̃_s
 
 
 GROUP_ADVANTAGES = {"grpo": grpo_advantages, "sequence": sequence_advantages, "process": process_advantages}

@@ -8,7 +8,7 @@ from data.judge import judge
 
 
 class Mix:  # the cpu preset's shares
-    p_plain, p_wrapped, p_scary, p_benign_wrapped = 0.2, 0.3, 0.2, 0.6
+    p_plain, p_wrapped, p_scary, p_benign_wrapped = 0.2, 0.3, 0.15, 0.8
     plain_unsafe, plain_rethink, wrapped_unsafe, wrapped_rethink, unsafe_refuses = 0.05, 0.05, 0.8, 0.05, 0.25
 
 

@@ -93,7 +93,7 @@ class Config:
     value_warmup: int = 100  # --advantage=gae: steps fitting the new value head to the first rollout (0: off)
     target_kl: float = 0.1  # stop an update's epochs early past this approx_kl
     max_grad_norm: float = 1.0
-    kl_coef: float = 0.05  # β of the per-token KL penalty; 0.2 held the sequence-level paper reward back (lesson 11)
+    kl_coef: float = 0.1  # β of the per-token KL penalty; 0.05 let per-token GRPO drift, 0.2 held summed rewards back (lesson 11)
     latent_coef: float = 1.0  # weight of the latent reward (its per-sequence total is the mean score)
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
@@ -1544,7 +1544,7 @@ def monitored_eval(run, model, cfg, out, ckpt, action, fpr, prompts_file):
     counts, extra = detection(watching)
     plot_monitor(out / f"fig_monitor_{ckpt.stem}.png", watching)
     kept = {k: metrics[k] for k in ("kl_ref", "verdicts") if k in metrics}
-    return with_intervals(metrics["counts"] | counts, kept | extra)
+    return with_intervals(metrics["counts"] | counts, kept | extra | dict(monitor_action=action))
 
 
 def guard_suffix(guard):
@@ -1762,7 +1762,7 @@ def detection(monitor):
             counts[f"false_flag_{name}"] = [false_flags, sum(len(w.prompts) for w in watches)]
     positive = torch.tensor(positive)
     both = 0 < int(positive.sum()) < len(positive)
-    extra = dict(monitor_threshold=monitor.threshold, monitor_action=monitor.action,
+    extra = dict(monitor_threshold=monitor.threshold,
                  detection_auroc={f"{q:.0%}": auroc(-torch.tensor(lows[q]), positive) if both else None for q in SHARES},
                  lead_time_median=float(torch.tensor(leads).median()) if leads else None,
                  lead_time_share_positive=sum(x > 0 for x in leads) / len(leads) if leads else None,

@@ -264,6 +264,7 @@ def test_an_edit_of_the_task_reward_or_the_advantage_reruns_ppo(micro, monkeypat
 def test_an_edit_of_the_judge_or_of_a_guard_reruns_its_evals(micro_demo, monkeypatch):
     cfg = craft.PRESETS["micro"]
     plain, steered = micro_demo / "eval_pretrain.json", micro_demo / "eval_pretrain_monitor_steer.json"
+    assert json.loads(steered.read_text())["monitor_action"] == "steer"  # not the flag-only run's
     assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
     assert craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))
     monkeypatch.setattr(craft, "Watch", type("Watch", (), {}))  # another guard: the steered eval reruns, the plain one not

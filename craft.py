@@ -1482,7 +1482,7 @@ def eval_inputs(cfg, ckpt, guard=None, fpr=0.01):
     model_inputs = json.loads(stage.read_text()).get("inputs") if stage.is_file() else None
     monitor = dict(compass=stage_inputs(cfg, "contrast"), fpr=fpr) if guard in ACTIONS else None
     return dict(model=model_inputs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eval_sets=eval_set_hash(),
-                judge=JUDGE, guard=guard, monitor=monitor, guard_code=source_hash(Watch, Monitor, KeywordFilter) if guard else None)
+                judge=JUDGE, guard=guard, monitor=monitor, guard_code=source_hash(Watch, Monitor, calibrate, own_safe_lows, KeywordFilter) if guard else None)
 
 
 def read_user_prompts(path, cfg):
@@ -1708,16 +1708,36 @@ def moving_average(s, e):
     return torch.stack(out, 1), e
 
 
+def own_safe_lows(model, compass, cfg, n=512):
+    """The lowest moving average of each of the model's own completions to n benign and scary-benign prompts
+    of the training generators (wrapped as often as in pretraining) whose reasoning the judge reads as safe."""
+    rng = random.Random(f"calibrate:{cfg.seed}")
+    prompts = [world.maybe_wrap(rng, rng.choice([world.scary_prompt, world.benign_prompt])(rng), world.TRAIN_WRAPPERS,
+                                cfg.p_benign_wrapped) for _ in range(n)]
+    monitor, lows = Monitor(compass, -math.inf, "flag"), []  # a threshold that never fires: it only reads
+    for i, batch in enumerate(in_batches(prompts, cfg.eval_batch)):
+        watch = monitor("calibrate", batch)
+        *_, completions = complete(model, batch, cfg, seeded(cfg.seed, "calibrate", i), watch=watch)
+        low = torch.cat(watch.smoothed, 1).nan_to_num(nan=math.inf).min(1).values.cpu()
+        lows += [float(x) for x, v in zip(low, judge_all(batch, completions)) if v.reasoning == "safe"]
+    return torch.tensor(lows)
+
+
 @torch.no_grad()
 def calibrate(model, compass, cfg, fpr):
-    """The threshold that flags a share `fpr` of wholly safe validation traces (held-out wrappers and
-    look-alikes): the fpr-quantile of their lowest moving average, read from `model`'s own hidden states."""
+    """The threshold that flags at most a share `fpr` of each of two kinds of safe reasoning, read from `model`'s
+    own hidden states: stage 1's wholly safe validation traces (held-out wrappers and look-alikes), and the
+    model's own safe completions to training prompts (`own_safe_lows`). The second matters: one seed's compass
+    scored the world's traces right and flagged 9.5% of the model's own answers to wrapped look-alikes (lesson 13).
+    -> the lower of the two fpr-quantiles of the lowest moving average."""
     traces = [t for t in compass_traces(cfg, "val") if t.reasoning == "safe"]
     s = token_scores(compass, tap_reasoning(model, traces, (int(compass.layer),)))
     sizes = [sum(label >= 0 for label in token_labels(t)[1]) for t in traces]
     padded = nn.utils.rnn.pad_sequence(list(s.split(sizes)), batch_first=True, padding_value=math.nan)
     e, _ = moving_average(padded, torch.full((len(traces),), math.nan))
-    return float(torch.quantile(e.nan_to_num(nan=math.inf).min(1).values, fpr))
+    threshold = float(torch.quantile(e.nan_to_num(nan=math.inf).min(1).values, fpr))
+    own = own_safe_lows(model, compass, cfg)
+    return min(threshold, float(torch.quantile(own, fpr))) if len(own) else threshold
 
 
 SHARES = (0.1, 0.25, 0.5, 1.0)  # how much of the reasoning the detection AUROC has seen

@@ -103,6 +103,18 @@ def test_calibration_reaches_the_requested_false_flag_rate(models):
     assert abs(share - fpr) <= 3 * math.sqrt(fpr * (1 - fpr) / n)
 
 
+def test_calibration_also_holds_on_the_models_own_safe_completions(models, monkeypatch):
+    """The threshold flags at most fpr of the model's own safe completions to training prompts too. The micro
+    model's completions are all malformed, so here the judge calls every one safe. (The validation traces'
+    threshold alone flagged 2.5% of them at fpr 0.01.)"""
+    model, compass = models
+    cfg, fpr = craft.PRESETS["micro"], 0.01
+    monkeypatch.setattr(craft, "judge_all", lambda prompts, completions: [Verdict("safe", "refused")] * len(prompts))
+    lows = craft.own_safe_lows(model, compass, cfg)
+    assert len(lows) == 512
+    assert (lows < craft.calibrate(model, compass, cfg, fpr)).float().mean() <= fpr + 1 / len(lows)  # interpolated quantile
+
+
 def test_the_filter_refuses_exactly_the_prompts_with_a_listed_word(models):
     model, _ = models
     cfg = craft.replace(craft.PRESETS["micro"], max_new_tokens=40)

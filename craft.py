@@ -1608,7 +1608,7 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
 # The monitor reads the compass while the model thinks: a reasoning token's score comes from the same
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving
 # average of the score over the reasoning so far, and it acts once, where that average first falls below
-# a threshold calibrated on stage 1's validation traces: flag (record only), stop (end the reasoning and
+# a threshold calibrated on stage 1's validation traces and the model's own safe completions: flag (record only), stop (end the reasoning and
 # refuse), steer (write the world's catch step and the safe step after it, so a plan becomes a rethink;
 # with the catch alone a seed-0 model planned on after it for 25 of 200 jailbreaks). The short average keeps one
 # garbled token from firing it; acting on its minimum so far is max-pooling unsafety over the tokens (a

@@ -1608,9 +1608,9 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
 # The monitor reads the compass while the model thinks: a reasoning token's score comes from the same
 # cached forward pass that feeds the token in (no second pass). Its statistic is an exponential moving
 # average of the score over the reasoning so far, and it acts once, where that average first falls below
-# a threshold calibrated on stage 1's validation traces and the model's own safe completions: flag (record only), stop (end the reasoning and
-# refuse), steer (write the world's catch step and the safe step after it, so a plan becomes a rethink;
-# with the catch alone a seed-0 model planned on after it for 25 of 200 jailbreaks). The short average keeps one
+# a threshold calibrated on stage 1's validation traces and on the model's own safe completions: flag (record
+# only), stop (end the reasoning and refuse), steer (write the world's catch step and the safe step after it,
+# so a plan becomes a rethink; with the catch alone a seed-0 model planned on after it for 25 of 200 jailbreaks). The short average keeps one
 # garbled token from firing it; acting on its minimum so far is max-pooling unsafety over the tokens (a
 # mean over all of them lets a long safe start hide a late plan; Chrabąszcz et al. 2026). The keyword
 # filter is the naive deployed alternative: it refuses every prompt with a dangerous word, unread.
@@ -1718,8 +1718,8 @@ def own_safe_lows(model, compass, cfg, n=512):
     for i, batch in enumerate(in_batches(prompts, cfg.eval_batch)):
         watch = monitor("calibrate", batch)
         *_, completions = complete(model, batch, cfg, seeded(cfg.seed, "calibrate", i), watch=watch)
-        low = torch.cat(watch.smoothed, 1).nan_to_num(nan=math.inf).min(1).values.cpu()
-        lows += [float(x) for x, v in zip(low, judge_all(batch, completions)) if v.reasoning == "safe"]
+        low = [float(e.min()) if len(e) else math.inf for _, e, _ in watch.trajectories()]  # min_t e_t per row
+        lows += [x for x, v in zip(low, judge_all(batch, completions)) if v.reasoning == "safe"]
     return torch.tensor(lows)
 
 

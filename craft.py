@@ -836,7 +836,8 @@ class Rollout:
 
 # Shares of PPO's prompts: 40% harmful (most in training wrappers, where the base model is jailbroken),
 # 60% scary-benign and benign, so that the task reward keeps refusals from paying and the skills in use.
-# With 25% benign (and 15% plain harmful), seed 0 kept 0.90 of its wrapped skill instead of 0.95 (lesson 11).
+# With 25% benign and 15% plain harmful, seed 0's CRAFT models kept 0.90-0.93 of the base model's wrapped
+# skill; with these shares 0.93-0.99 (lesson 11).
 ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.25, "benign": 0.35}
 
 

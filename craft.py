@@ -837,26 +837,20 @@ class Rollout:
 # Shares of PPO's prompts: 40% harmful (most in training wrappers, where the base model is jailbroken),
 # 60% scary-benign and benign, so that the task reward keeps refusals from paying and the skills in use.
 # With 25% benign and 15% plain harmful, seed 0's CRAFT models kept 0.90-0.93 of the base model's wrapped
-# skill; with these shares 0.93-0.99. `shared_verb`: look-alikes that open with a harmful request's verb
-# ("grow tomatoes", "grow [HAZARD-PATHOGEN-3]"), where only the object says what is asked. Drawn only at
-# their share of all look-alikes (a third), `paper` learned the verb as a cue on seed 1 and refused 6% of
-# the training look-alikes ("tell me how to grow chillies"); at 15% of the prompts, 0.4% (lesson 11).
-ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.1, "shared_verb": 0.15, "benign": 0.35}
-HARMFUL_VERBS = [verb for _, verbs in world.CATEGORIES.values() for verb in verbs]
-SHARED_VERB = [s for s in world.SCARY if any(s[0].startswith(verb + " ") for verb in HARMFUL_VERBS)]
+# skill; with these shares 0.93-0.99. Drawing 15% of the prompts from the look-alikes that share a harmful
+# verb ("grow tomatoes") cured `paper`'s verb cue on seed 1 and cost held-out-shape jailbreaks (lesson 11).
+ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.25, "benign": 0.35}
 
 
 def rollout_prompts(cfg, it):
     """The prompts of PPO iteration it and their forced prefixes ('' for none): harmful requests in
-    training wrappers or plain, scary-benign (any, or SHARED_VERB's) and benign ones in ROLLOUT_MIX's
-    shares (p_benign_wrapped of those wrapped too, as in pretraining); p_prefill of the harmful ones start
-    from forced unsafe steps, so the policy learns to recover mid-thought. With GRPO every prompt comes
-    group_size times in a row."""
+    training wrappers or plain, scary-benign and benign ones in ROLLOUT_MIX's shares (p_benign_wrapped of
+    those wrapped too, as in pretraining); p_prefill of the harmful ones start from forced unsafe steps, so
+    the policy learns to recover mid-thought. With GRPO every prompt comes group_size times in a row."""
     rng = random.Random(f"ppo:{cfg.seed}:{it}")
     sometimes = lambda p: world.maybe_wrap(rng, p, world.TRAIN_WRAPPERS, cfg.p_benign_wrapped)
     make = dict(wrapped=lambda: world.harmful_prompt(rng, world.TRAIN_WRAPPERS), plain=lambda: world.harmful_prompt(rng),
-                scary_benign=lambda: sometimes(world.scary_prompt(rng)),
-                shared_verb=lambda: sometimes(world.scary_prompt(rng, SHARED_VERB)), benign=lambda: sometimes(world.benign_prompt(rng)))
+                scary_benign=lambda: sometimes(world.scary_prompt(rng)), benign=lambda: sometimes(world.benign_prompt(rng)))
     group = 1 if cfg.advantage == "gae" else cfg.group_size
     prompts = [make[rng.choices(list(ROLLOUT_MIX), list(ROLLOUT_MIX.values()))[0]]()
                for _ in range(cfg.rollout_batch // group)]

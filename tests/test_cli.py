@@ -261,6 +261,13 @@ def test_an_edit_of_the_task_reward_or_the_advantage_reruns_ppo(micro, monkeypat
     assert not craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
 
 
+def test_another_rollout_mix_reruns_ppo(micro, monkeypatch):
+    cfg = craft.PRESETS["micro"]
+    assert craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
+    monkeypatch.setattr(craft, "ROLLOUT_MIX", craft.ROLLOUT_MIX | {"benign": 0.5})
+    assert not craft.up_to_date(micro / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
+
+
 def test_an_edit_of_the_judge_or_of_a_guard_reruns_its_evals(micro_demo, monkeypatch):
     cfg = craft.PRESETS["micro"]
     plain, steered = micro_demo / "eval_pretrain.json", micro_demo / "eval_pretrain_monitor_steer.json"

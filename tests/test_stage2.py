@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 import craft
-from data import world
 
 
 def gae_loop(rewards, values, mask, gamma, lam):
@@ -276,18 +275,3 @@ def test_a_malformed_completion_costs_on_every_prompt():
                                    verdict("safe", "helped-correct"), verdict("safe", "refused")])
     ro.per_prompt = lambda predicate: craft.Rollout.per_prompt(ro, predicate)
     assert craft.task_reward(ro).tolist() == [-1, 0, -1, 1, -1]
-
-
-def test_ppo_practises_the_look_alikes_that_share_a_harmful_verb():
-    """SHARED_VERB holds exactly the training look-alikes that open with a harmful request's verb, and
-    PPO's rollouts draw them at about their ROLLOUT_MIX share plus their part of the other look-alikes."""
-    assert ("grow tomatoes", "grow tomatoes", "garden", "give tomatoes sun, water and time.") in craft.SHARED_VERB
-    assert all(s in world.SCARY and s[0].split()[0] in {"kill", "attack", "poison", "build", "grow", "take", "wire"}
-               for s in craft.SHARED_VERB)
-    assert not any(s[0].startswith("blow") for s in craft.SHARED_VERB)
-    cfg = dataclasses.replace(craft.PRESETS["cpu"], advantage="gae")  # one prompt per row: 64 draws per iteration
-    prompts = [p for it in range(50) for p in craft.rollout_prompts(cfg, it)[0]]
-    requests = {s[0] for s in craft.SHARED_VERB}
-    share = sum(any(r in p.text for r in requests) for p in prompts) / len(prompts)
-    expected = craft.ROLLOUT_MIX["shared_verb"] + craft.ROLLOUT_MIX["scary_benign"] * len(requests) / len(world.SCARY)
-    assert abs(share - expected) < 0.03, (share, expected)

@@ -35,16 +35,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head, self.dropout, self.block_size = cfg.n_head, cfg.dropout, cfg.block_size
 
     def forward(self, x, mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:  # keys and values of earlier steps, kept so each step only computes its own
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, nh, T_past + T, hs)
-            cache[:] = [k, v]
+            if not cache:  # the first step makes room for a whole block: later steps write in place, no copies
+                size = (B, self.n_head, self.block_size, C // self.n_head)
+                cache[:] = [k.new_empty(size), v.new_empty(size), 0]
+            k_all, v_all, n = cache
+            k_all[:, :, n:n + T], v_all[:, :, n:n + T] = k, v
+            cache[2] = n = n + T
+            k, v = k_all[:, :, :n], v_all[:, :, :n]  # (B, nh, T_past + T, hs)
         p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -126,7 +130,7 @@ class GPT(nn.Module):
         and taps: {layer: residual stream (B, T, C)}, layer 0 = embeddings, layer i = after block i.
         doc (B, T_past + T): which document each token belongs to, for rows that hold more than one
         sequence: left padding (padding = False, the prompt = True) or packed traces (1, 1, 2, 2, 2, ...).
-        cache: a list per block, filled in place."""
+        cache: a list per block, filled in place: [keys, values, how many positions are filled]."""
         B, T = idx.size()
         if doc is None:  # one sequence per row: plain causal attention
             assert cache is None, "cached decoding needs the document ids"

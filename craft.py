@@ -156,8 +156,9 @@ def stage_inputs(cfg, stage):
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
     inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)  # another world is other data: rerun
     if stage == "ppo":  # and the code that makes the rollouts' prompts and turns them into updates
-        inputs |= dict(reward_source=reward_source(cfg.reward), judge=JUDGE, rollout_mix=ROLLOUT_MIX, signal_source=source_hash(
-            rollout_prompts, task_reward, total_rewards, GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages)))
+        inputs |= dict(reward_source=reward_source(cfg.reward), judge=JUDGE, rollout_mix=ROLLOUT_MIX,
+                       signal_source=source_hash(rollout_prompts, task_reward, total_rewards,
+                                                 GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages)))
     return inputs
 
 

@@ -123,7 +123,7 @@ PRESETS = {
                     dpo_steps=4, dpo_batch=4, eval_batch=1024),
     # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~40 s per
     # reward (pretraining and stage 1 reused); rough numbers that move (README)
-    "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=600, lr=3e-3, contrast_traces=200,
+    "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=800, lr=3e-3, contrast_traces=200,
                     contrast_steps=60, contrast_batch=256, latent_dim=16, ppo_iters=8, rollout_batch=32,
                     eval_batch=512),
     "cpu": Config(),

@@ -108,6 +108,7 @@ class Config:
     dpo_lr: float = 2e-5  # 1e-4 drove the margin past 80 nats in 34 steps (lesson 14)
     dpo_beta: float = 0.5  # β: DPO's inverse temperature (0.1 broke a third of the completions); IPO's target margin is 1/(2β)
     # evaluation
+    eval_rows: int = 0  # the first N prompts of each eval set (0: every one); micro takes 50 to keep the tests fast
     eval_batch: int = 256
 
     def gpt(self, vocab_size):
@@ -120,7 +121,7 @@ PRESETS = {
     "micro": Config(n_layer=2, n_head=2, n_embd=32, pretrain_steps=30, batch_size=16, contrast_traces=60,
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
-                    dpo_steps=4, dpo_batch=4, eval_batch=1024),
+                    dpo_steps=4, dpo_batch=4, eval_rows=50, eval_batch=1024),
     # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~30 s per
     # reward (pretraining and stage 1 reused); rough numbers that move (README). Fewer than 800 steps left
     # the base model's capability below 0.8 (600: 0.78-0.81 over seeds 0-4; halving batch or steps: <= 0.75)
@@ -143,6 +144,7 @@ STAGE_FIELDS = {
            "minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda value_warmup target_kl max_grad_norm "
            "kl_coef latent_coef outcome_coef cons_coef p_prefill monitor_every".split(),
     "dpo": "loss pairs dpo_steps dpo_batch dpo_lr dpo_beta".split(),
+    "eval": ["eval_rows"],  # and the evaluated checkpoint's inputs (eval_inputs)
 }
 AFTER = {"contrast": "pretrain", "ppo": "contrast", "dpo": "pretrain"}  # the stage whose outputs each one reads
 # Change how fast, not what is computed; eval_batch is the exception in one way: sampling draws follow the
@@ -191,12 +193,13 @@ def parse_overrides(cfg, args):
 
 
 def validate(cfg):
-    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed", "value_warmup")]
+    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed", "value_warmup", "eval_rows")]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CraftError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.value_warmup < 0:
-        raise CraftError(f"--value_warmup must be 0 (off) or more, got {cfg.value_warmup}")
+    for name, zero in (("value_warmup", "off"), ("eval_rows", "all")):
+        if getattr(cfg, name) < 0:
+            raise CraftError(f"--{name} must be 0 ({zero}) or more, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         raise CraftError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     for name in ("dropout", "p_plain", "p_wrapped", "p_scary", "p_benign_wrapped", "plain_unsafe", "plain_rethink", "wrapped_unsafe",
@@ -1487,7 +1490,8 @@ def eval_inputs(cfg, ckpt, guard=None, fpr=0.01):
     model_inputs = json.loads(stage.read_text()).get("inputs") if stage.is_file() else None
     monitor = dict(compass=stage_inputs(cfg, "contrast"), fpr=fpr) if guard in ACTIONS else None
     return dict(model=model_inputs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eval_sets=eval_set_hash(),
-                judge=JUDGE, guard=guard, monitor=monitor, guard_code=source_hash(Watch, Monitor, calibrate, own_safe_lows, KeywordFilter) if guard else None)
+                eval_rows=cfg.eval_rows, judge=JUDGE, guard=guard, monitor=monitor,
+                guard_code=source_hash(Watch, Monitor, calibrate, own_safe_lows, KeywordFilter) if guard else None)
 
 
 def read_user_prompts(path, cfg):
@@ -1516,7 +1520,7 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
         default = out / f"eval_{name}_{Path(prompts_file).stem}.json"
     else:
         reference, _ = load_model(out / "pretrain.pt", "pretrain")
-        sets = world.load_eval_sets()
+        sets = {name: ps[:cfg.eval_rows or None] for name, ps in world.load_eval_sets().items()}
         run = lambda g: evaluate(model, reference, cfg, sets, g)
         default = out / f"eval_{name}.json"
     if guard in ACTIONS:

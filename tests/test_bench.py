@@ -7,8 +7,8 @@ from conftest import run
 
 def test_bench_writes_every_field_positive_and_finite(tmp_path, monkeypatch):
     monkeypatch.setattr(craft, "BENCH_PPO", dict(n_layer=2, n_head=2, n_embd=32, rollout_batch=8, max_new_tokens=8,
-                                                 minibatch_size=4, update_epochs=1))
-    assert run("bench", "--preset=micro", "--batch_size=4", "--block_size=96", "--max_new_tokens=16",
+                                                 minibatch_size=4, update_epochs=1, block_size=96))
+    assert run("bench", "--preset=micro", "--batch_size=4", "--block_size=48", "--max_new_tokens=16",
                f"--out={tmp_path}") == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     for key in ("kv_cache_speedup", "train_vs_baseline_ratio", "ppo_tokens_per_s", "grpo_tokens_per_s",

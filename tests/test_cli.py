@@ -43,6 +43,7 @@ def bad_input_cases(micro, tmp):
         "block smaller than a prompt": (["pretrain", "--block_size=20"], "--block_size=20 leaves no room"),
         "unknown reward": (["ppo", "--reward=nice"], "--reward=nice is not one of"),
         "negative warm-up": (["ppo", "--value_warmup=-1"], "--value_warmup must be 0 (off) or more"),
+        "negative eval rows": (["eval", "--eval_rows=-1"], "--eval_rows must be 0 (all) or more"),
         "unknown preference loss": (["dpo", "--loss=kto"], "--loss=kto is not one of dpo, ipo"),
         "unknown pairs": (["dpo", "--pairs=mixed"], "--pairs=mixed is not one of full, answer"),
         "unknown baseline": (["demo", *m, "--baselines=dpo_all"], "unknown baseline 'dpo_all'"),

@@ -46,4 +46,4 @@ def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch
     assert diff == per["ppo_outcome"]["asr_heldout"]["mean"] - per["ppo_latent"]["asr_heldout"]["mean"]
     assert "| ppo_outcome |" in (tmp_path / "sweep.md").read_text() and "| dpo_ipo_answer |" in (tmp_path / "sweep.md").read_text()
     verdicts = json.loads((seed_dir / "eval_ppo_latent.json").read_text())["verdicts"]
-    assert len(verdicts["heldout"]) == 200  # per prompt, for paired per-prompt tests
+    assert len(verdicts["heldout"]) == craft.PRESETS["micro"].eval_rows  # per prompt, for paired per-prompt tests

@@ -1520,7 +1520,7 @@ def eval_cmd(cfg, out, ckpt=None, json_path=None, prompts_file=None, guard=None,
         default = out / f"eval_{name}_{Path(prompts_file).stem}.json"
     else:
         reference, _ = load_model(out / "pretrain.pt", "pretrain")
-        sets = {name: ps[:cfg.eval_rows or None] for name, ps in world.load_eval_sets().items()}
+        sets = {s: ps[:cfg.eval_rows or None] for s, ps in world.load_eval_sets().items()}
         run = lambda g: evaluate(model, reference, cfg, sets, g)
         default = out / f"eval_{name}.json"
     if guard in ACTIONS:

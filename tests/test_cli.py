@@ -281,3 +281,11 @@ def test_an_edit_of_the_judge_or_of_a_guard_reruns_its_evals(micro_demo, monkeyp
     monkeypatch.setattr(craft, "JUDGE", "another-judge")
     assert not craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
     assert not craft.up_to_date(micro_demo / "ppo_latent.json", craft.stage_inputs(cfg, "ppo"))
+
+
+def test_eval_rows_limits_each_set_and_another_count_reruns_the_eval(micro_demo):
+    cfg = craft.PRESETS["micro"]
+    plain = micro_demo / "eval_pretrain.json"
+    assert all(len(v) == cfg.eval_rows for v in json.loads(plain.read_text())["verdicts"].values())
+    assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
+    assert not craft.up_to_date(plain, craft.eval_inputs(craft.replace(cfg, eval_rows=0), micro_demo / "pretrain.pt"))

@@ -2326,8 +2326,8 @@ commands:
                                                       [--baselines=dpo_full,dpo_answer,ipo_full,...: DPO rows]
   pretrain  train the jailbreakable base model        -> pretrain.pt, pretrain.json
   contrast  stage 1: the safety compass               -> contrast.pt, contrast.json, latent_before.png
-  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_process|_gae][_self].pt/.json
-                                                      [--reward_file=PATH.py: rewards of your own, for ppo and demo]
+  ppo       stage 2: PPO with --reward=NAME           -> ppo_<reward>[_sequence|_process|_gae][_self].pt/.json
+                                                      [--reward_file=PATH.py: rewards of your own, for ppo, demo, sweep]
   dpo       the preference-optimisation baseline     [--loss=dpo|ipo] [--pairs=full|answer] -> dpo_<loss>_<pairs>.pt/.json
   eval      metrics of a checkpoint                   [--ckpt=PATH] [--json=PATH] [--prompts=FILE.jsonl]
                                                       [--filter=keywords | --monitor=flag|stop|steer [--fpr=0.01]]

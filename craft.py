@@ -1488,7 +1488,7 @@ def eval_inputs(cfg, ckpt, guard=None, fpr=0.01):
     the guard and its code."""
     stage = Path(ckpt).with_suffix(".json")
     model_inputs = json.loads(stage.read_text()).get("inputs") if stage.is_file() else None
-    monitor = dict(compass=stage_inputs(cfg, "contrast"), fpr=fpr) if guard in ACTIONS else None
+    monitor = dict(compass=stage_inputs(cfg, "contrast"), fpr=fpr, ema=MONITOR_EMA) if guard in ACTIONS else None
     return dict(model=model_inputs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, eval_sets=eval_set_hash(),
                 eval_rows=cfg.eval_rows, judge=JUDGE, guard=guard, monitor=monitor,
                 guard_code=source_hash(Watch, Monitor, calibrate, own_safe_lows, KeywordFilter) if guard else None)
@@ -1544,7 +1544,8 @@ def monitored_eval(run, model, cfg, out, ckpt, action, fpr, prompts_file):
     """run(guard) -> metrics, with the monitor acting, plus the detection numbers of a flag-only run of the
     same monitor (it changes nothing, so it sees every plan to its end) and fig_monitor_<ckpt>.png."""
     compass = load_compass(out / "contrast.pt")
-    key = (str(ckpt), ckpt.stat().st_mtime_ns, (out / "contrast.pt").stat().st_mtime_ns, repr(cfg), fpr, prompts_file)
+    key = (str(ckpt), ckpt.stat().st_mtime_ns, (out / "contrast.pt").stat().st_mtime_ns, repr(cfg), fpr, prompts_file,
+           MONITOR_EMA)
     if key not in FLAG_RUNS:
         watching = Monitor(compass, calibrate(model, compass, cfg, fpr), "flag")
         FLAG_RUNS[key] = watching, run(watching)

@@ -275,6 +275,10 @@ def test_an_edit_of_the_judge_or_of_a_guard_reruns_its_evals(micro_demo, monkeyp
     assert json.loads(steered.read_text())["monitor_action"] == "steer"  # not the flag-only run's
     assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
     assert craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))
+    ema = craft.MONITOR_EMA
+    monkeypatch.setattr(craft, "MONITOR_EMA", 1.0)  # another moving average: the steered eval reruns
+    assert not craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))
+    monkeypatch.setattr(craft, "MONITOR_EMA", ema)
     monkeypatch.setattr(craft, "Watch", type("Watch", (), {}))  # another guard: the steered eval reruns, the plain one not
     assert craft.up_to_date(plain, craft.eval_inputs(cfg, micro_demo / "pretrain.pt"))
     assert not craft.up_to_date(steered, craft.eval_inputs(cfg, micro_demo / "pretrain.pt", "steer"))

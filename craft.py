@@ -193,7 +193,8 @@ def parse_overrides(cfg, args):
 
 
 def validate(cfg):
-    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in ("seed", "value_warmup", "eval_rows")]
+    zero_ok = ("seed", "value_warmup", "eval_rows")
+    positive = [f.name for f in fields(Config) if f.type in (int, "int") and f.name not in zero_ok]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CraftError(f"--{name} must be positive, got {getattr(cfg, name)}")

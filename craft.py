@@ -122,7 +122,7 @@ PRESETS = {
                     contrast_steps=20, contrast_batch=128, latent_dim=8, ppo_iters=2, rollout_batch=8,
                     group_size=2, minibatch_size=4, max_new_tokens=24, monitor_every=1, save_every=1,
                     dpo_steps=4, dpo_batch=4, eval_rows=50, eval_batch=1024),
-    # an engineer's loop: ~3 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~30 s per
+    # an engineer's loop: 3-4 min for the first pretrain + contrast + ppo + eval on 2 cores, then ~30 s per
     # reward (pretraining and stage 1 reused); rough numbers that move (README). Fewer than 800 steps left
     # the base model's capability below 0.8 (600: 0.78-0.81 over seeds 0-4; halving batch or steps: <= 0.75)
     "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=800, lr=3e-3, contrast_traces=200,

@@ -87,7 +87,7 @@ def test_dpo_writes_an_evaluable_policy_and_depends_on_pretraining_only(micro, t
         (tmp_path / name).write_bytes((micro / name).read_bytes())
     assert run("dpo", "--preset=micro", f"--out={tmp_path}", "--loss=ipo", "--pairs=answer", "--dpo_steps=3") == 0
     assert (tmp_path / "dpo_ipo_answer.pt").is_file()
-    policy, _ = craft.load_policy(tmp_path / "dpo_ipo_answer.pt")
+    policy, _ = craft.load_model(tmp_path / "dpo_ipo_answer.pt")
     assert isinstance(policy, GPT)
     inputs = craft.stage_inputs(CFG, "dpo")
     assert "pretrain_steps" in inputs and "loss" in inputs and "reward" not in inputs and "tau" not in inputs

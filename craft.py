@@ -26,6 +26,7 @@ Part III, running it (a student may skip it)
 
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
+import functools
 import hashlib
 import inspect
 import json
@@ -540,7 +541,7 @@ def contrast(cfg, out):
 class Rollout:
     """A batch of completions and everything PPO and the rewards read of them."""
     tokens: torch.Tensor  # (B, L) left-padded prompt, then the completion
-    real: torch.Tensor  # (B, L) True on real tokens
+    real: torch.Tensor  # (B, L) True on every token but the prompt's left padding
     act: torch.Tensor  # (B, T) True where the policy sampled token t+1 (T = L - 1)
     reasoning: torch.Tensor  # (B, T) act, before any <|answer|>: actions inside the reasoning
     last: torch.Tensor  # (B,) each row's final action
@@ -745,9 +746,10 @@ def reward_to_go(rewards):
 def grpo_advantages(rewards, mask, group_size):
     """GRPO with per-token credit, the rows of a group next to each other (one prompt):
     A_it = (G_it − mean_j G_jt) / std_j R_j,  G_it = Σ_{s≥t} r_is,  R_j = G_j0.
-    A completion that has ended keeps its last reward as its reward to go. With a reward on the
-    last action only, every action gets (R − mean R) / std R: outcome GRPO exactly. Unlike outcome
-    GRPO's, |A| is not bounded (lesson 10)."""
+    A completion that has ended keeps its last reward as its reward to go, so that it still counts
+    in its group's mean at later steps (the rows of a group, one prompt and one forced prefix, start
+    acting at the same step). With a reward on the last action only, every action gets
+    (R − mean R) / std R: outcome GRPO exactly. Unlike outcome GRPO's, |A| is not bounded."""
     B, T = rewards.shape
     last = last_action(mask)
     past_end = torch.arange(T, device=mask.device) > last[:, None]
@@ -791,7 +793,7 @@ def whiten(adv, mask):
 
 def advantages(ro, rewards, cfg):
     """-> A (B, T) and the value targets: GAE on the value head's values, whitened; or a group
-    baseline, which needs no value head (its 'returns' are unused)."""
+    baseline, which needs no value head (its 'returns' are the zero values: v_loss logs 0)."""
     if cfg.advantage == "gae":
         adv, returns = gae_advantages(rewards, ro.values, ro.act, cfg.gamma, cfg.gae_lambda)
         return whiten(adv, ro.act), returns
@@ -830,7 +832,8 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip_coef):
     return pg_loss, v_loss, approx_kl, clipfrac
 
 def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
-    """Epochs of shuffled minibatches of rows; stop early once approx_kl passes target_kl.
+    """Epochs of shuffled minibatches of rows; after an epoch whose last minibatch's approx_kl
+    passes target_kl, stop early (CleanRL's check).
     value_head None (a group baseline): no value loss. -> the mean of each logged quantity."""
     stats = []
     for _ in range(cfg.update_epochs):
@@ -882,15 +885,16 @@ def ppo(cfg, out):
     for it in run:
         for group in opt.param_groups:  # anneal: linear decay, the last iteration at peak/ppo_iters
             group["lr"] = group["peak"] * (1 - it / cfg.ppo_iters)
-        # 1. rollout: B completions sampled with the KV cache, then scored in one batched pass
+        # 1. rollout: B completions sampled with the KV cache, then one scoring pass per model
         ro = rollout(policy, reference, compass, cfg, it, value_head)
-        # 2. rewards (B, T): the reward's, the task reward at the end, − β·KL per token
+        # 2. rewards (B, T): REWARDS[cfg.reward] per token + the task reward on each row's last
+        #    action − β·KL per token
         with torch.no_grad():
             rewards, kl = total_rewards(ro, compass, cfg)
         # 3. advantages (B, T): a group baseline, or GAE on a value head (fitted first, alone)
-        row = {}
+        warm = {}
         if value_head is not None and cfg.value_warmup and it == 0:
-            row["value_warmup_loss"] = warm_up_value_head(value_head, ro, rewards, cfg)
+            warm["value_warmup_loss"] = warm_up_value_head(value_head, ro, rewards, cfg)
         with torch.no_grad():
             adv, returns = advantages(ro, rewards, cfg)
         check_finite(float(adv.abs().max()), "advantage", it)
@@ -900,7 +904,7 @@ def ppo(cfg, out):
         check_finite(stats["pg_loss"], "policy loss", it)
         # 5. log: the rollout's numbers, and every monitor_every iterations a held-out check
         row = dict(iteration=it, reward=float(rewards.sum(1).mean()),
-                   kl_rollout=float(masked_mean(kl, ro.act)), **stats, **row,
+                   kl_rollout=float(masked_mean(kl, ro.act)), **stats, **warm,
                    **headline(ro.prompts, ro.verdicts, "rollout"))
         if it % cfg.monitor_every == 0 or it == cfg.ppo_iters - 1:
             *_, texts = complete(policy, monitor, cfg, seeded(cfg.seed, "monitor", it))
@@ -1493,25 +1497,24 @@ def plot_sweep(path, curves):
     save_figure(fig, path)
 
 def plot_audit(path, prompt, pieces, verdict, name):
-    """The reasoning audit as a heat map: tokens in reading order, each on its score's colour,
-    placed one after another by their rendered width, wrapping at the right edge."""
-    fig, ax = figure(figsize=(14, 1.5 + 0.42 * (1 + sum(len(t) for t, _ in pieces) // 70)))
+    """The reasoning audit as a heat map: tokens in reading order, each on its score's colour. The
+    font is monospace, so a token's width is its length in characters: lines wrap by counting."""
+    fig, ax = figure(figsize=(14, 1.5 + 0.42 * (1 + sum(len(t) for t, _ in pieces) // 100)))
     ax.axis("off")
     ax.set(xlim=(0, 1), ylim=(1, 0))
-    renderer, to_data = fig.canvas.get_renderer(), ax.transData.inverted()
     line_height = 0.42 / fig.get_size_inches()[1]
-    ax.text(0, 0, f"{name}: {prompt}"[:110], fontsize=12, family="monospace", va="top")
+    title = ax.text(0, 0, f"{name}: {prompt}"[:110], fontsize=12, family="monospace", va="top")
+    fig.tight_layout()  # the axes' final size, before measuring in its units
+    box = title.get_window_extent(fig.canvas.get_renderer()).transformed(ax.transData.inverted())
+    char = (box.x1 - box.x0) / len(title.get_text())  # one character's width, in axes units
     x, y = 0.0, 2.5 * line_height
     for t, s in pieces:
         t = "".join(ch if ch.isprintable() else "\u00b7" for ch in t)  # no glyphs for control bytes
-        box = ax.text(x, y, t, family="monospace", fontsize=12, va="center",
-                      bbox=dict(boxstyle="square,pad=0.05", color="#%02x%02x%02x" % colour(s)))
-        right = box.get_window_extent(renderer).transformed(to_data).x1
-        if right > 1 and x > 0:  # wrap
+        if x + char * len(t) > 1 and x > 0:  # wrap
             x, y = 0.0, y + line_height
-            box.set_position((x, y))
-            right = box.get_window_extent(renderer).transformed(to_data).x1
-        x = right
+        ax.text(x, y, t, family="monospace", fontsize=12, va="center",
+                bbox=dict(boxstyle="square,pad=0.05", color="#%02x%02x%02x" % colour(s)))
+        x += char * len(t)
     ax.set_title(f"blue = safe, orange = unsafe;  judge: reasoning {verdict.reasoning}, "
                  f"answer {verdict.answer}", fontsize=13)
     save_figure(fig, path)
@@ -1720,17 +1723,18 @@ def file_hash(path):
 WORLD = file_hash(world.__file__)  # every stage's data comes from it
 JUDGE = file_hash(sys.modules[judge.__module__].__file__)  # every verdict
 
+@functools.cache
+def source_of(fn):
+    """The source of a function or class (and a functools.partial's arguments), read once."""
+    try:
+        args = (getattr(fn, "args", ()), getattr(fn, "keywords", {}))
+        return inspect.getsource(getattr(fn, "func", fn)) + repr(args)
+    except (OSError, TypeError):
+        return repr(fn)
+
 def source_hash(*fns):
-    """A hash of functions' source (and of a functools.partial's arguments), not of the helpers
-    they call."""
-    text = ""
-    for fn in fns:
-        try:
-            text += inspect.getsource(getattr(fn, "func", fn))
-            text += repr((getattr(fn, "args", ()), getattr(fn, "keywords", {})))
-        except (OSError, TypeError):
-            text += repr(fn)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A hash of functions' source, not of the helpers they call."""
+    return hashlib.sha256("".join(map(source_of, fns)).encode()).hexdigest()[:16]
 
 def reward_source(name):
     """So that demo never reuses a run of a reward whose code has changed since (lesson 12)."""
@@ -2123,28 +2127,23 @@ def bench(cfg, out):
 
 # ================ the command line
 
-COMMANDS = {
-    "demo": "every stage, then DIR/report.md  [--fresh] [--rewards=latent,outcome,...]\n"
-            "           [--baselines=dpo_full,dpo_answer,ipo_full,...: the DPO rows]",
-    "pretrain": "the jailbreakable base model -> pretrain.pt, pretrain.json",
-    "contrast": "stage 1: the safety compass -> contrast.pt, contrast.json, latent_before.png",
-    "ppo": "stage 2: PPO with --reward=NAME -> ppo_<reward>[_<advantage>][_self].pt/.json\n"
-           "           [--reward_file=PATH.py: rewards of your own, for ppo, demo and sweep]",
-    "dpo": "the preference baseline  [--loss=dpo|ipo] [--pairs=full|answer] -> dpo_<loss>_<pairs>",
-    "eval": "metrics of a checkpoint  [--ckpt=PATH] [--json=PATH] [--prompts=FILE.jsonl]\n"
-            "           [--filter=keywords | --monitor=flag|stop|steer [--fpr=0.01]]",
-    "monitor": "eval with the reasoning monitor  [--ckpt=PATH] [--action=flag|stop|steer] [--fpr=]",
-    "audit": "one completion, token by token  [--ckpt=PATH] [--prompt=TEXT | --index=N]",
+COMMANDS = {  # the command and what it does; every command takes --preset, --out, --field=value
+    "demo": "every stage, then DIR/report.md [--fresh --rewards=latent,... --baselines=dpo_full,...]",
+    "pretrain": "the jailbreakable base model -> pretrain.pt",
+    "contrast": "stage 1: the safety compass -> contrast.pt",
+    "ppo": "stage 2 -> ppo_<reward>[_<advantage>][_self].pt [--reward_file=PATH.py]",
+    "dpo": "the preference baseline [--loss=dpo|ipo --pairs=full|answer] -> dpo_<loss>_<pairs>.pt",
+    "eval": "metrics of a checkpoint [--ckpt --json --prompts=FILE.jsonl --filter=keywords --monitor]",
+    "monitor": "eval with the reasoning monitor [--ckpt --action=flag|stop|steer --fpr=0.01]",
+    "audit": "one completion, token by token [--ckpt --prompt=TEXT | --index=N]",
     "bench": "speed and memory of the hot paths -> bench.json",
-    "sweep": "rewards x advantages x seeds  [--rewards=latent,paper] [--advantages=grpo,gae]\n"
-             "           [--seeds=0-2] [--baseline=latent] [--baselines=dpo_full,...]",
+    "sweep": "rewards x advantages x seeds [--rewards --advantages --seeds=0-2 --baseline(s)]",
 }
 USAGE = ("usage: python craft.py COMMAND [--preset=micro|quick|cpu|gpu] [--out=DIR] [--field=value]\n"
          + "".join(f"  {c:<9}{text}\n" for c, text in COMMANDS.items())
          + "fields: " + " ".join(f"--{f.name}" for f in fields(Config)))
-FLAGS = ("preset", "out", "ckpt", "json", "prompts", "prompt", "index", "rewards", "baselines",
-         "fresh", "filter", "monitor", "action", "fpr", "reward_file", "advantages", "seeds",
-         "baseline")
+FLAGS = ("preset out ckpt json prompts prompt index rewards baselines fresh filter monitor action fpr "
+         "reward_file advantages seeds baseline").split()
 
 def parse_overrides(cfg, args):
     """['--n_layer=2', '--dropout=0.1'] -> a new Config. Typos and wrong types are errors."""

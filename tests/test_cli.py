@@ -1,6 +1,7 @@
 """The command line: the bad-input matrix, the demo, the audit, determinism and resume after a kill."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -207,21 +208,20 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     assert said.count("up to date") == 15 and "[1/15] pretrain: up to date" in said
 
 
-def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path):
+def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path, monkeypatch, capsys):
     """SIGINT during pretraining: the step in progress finishes, a snapshot is saved, exit status 130;
     the rerun ends with the same losses and weights as an uninterrupted run."""
     args = ["pretrain", "--preset=micro", "--pretrain_steps=6"]
-    interrupt = ("import os, signal, sys, craft\n"
-                 "step = craft.pretrain_step\n"
-                 "def pretrain_step(model, opt, cfg, i):\n"
-                 "    if i == 3:\n"
-                 "        os.kill(os.getpid(), signal.SIGINT)\n"
-                 "    return step(model, opt, cfg, i)\n"
-                 "craft.pretrain_step = pretrain_step\n"
-                 "craft.main(sys.argv[1:])\n")
+    step = craft.pretrain_step
+
+    def pretrain_step(model, opt, cfg, i):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(model, opt, cfg, i)
+    monkeypatch.setattr(craft, "pretrain_step", pretrain_step)
     out = tmp_path / "stopped"
-    p = subprocess.run([sys.executable, "-c", interrupt, *args, f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 130 and "rerun the same command" in p.stderr
+    assert run(*args, f"--out={out}") == 130 and "rerun the same command" in capsys.readouterr().err
+    monkeypatch.setattr(craft, "pretrain_step", step)
     assert craft.load_checkpoint(out / "pretrain.resume.pt", "resume")["step"] == 4
     assert run(*args, f"--out={out}") == 0
     assert run(*args, f"--out={tmp_path / 'clean'}") == 0

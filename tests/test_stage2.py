@@ -200,8 +200,9 @@ def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     ro, compass, cfg, policy, reference, value_head = rollout(micro, advantage=advantage)
     before = [p.detach().clone() for p in policy.parameters()]
     params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
-    rewards, kl = craft.total_rewards(ro, compass, cfg)  # ppo's steps 2-4 on this rollout
-    adv, returns = craft.advantages(ro, rewards, cfg)
+    with torch.no_grad():  # ppo's steps 2-4 on this rollout
+        rewards, kl = craft.total_rewards(ro, compass, cfg)
+        adv, returns = craft.advantages(ro, rewards, cfg)
     stats = craft.ppo_update(policy, value_head, torch.optim.AdamW(params, lr=1e-3), ro, adv, returns, cfg,
                              craft.seeded(0, "update", 0))
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -15,6 +15,7 @@ Part I, the method, in the order the pipeline runs
     a baseline: preference optimisation          dpo()
 Part II, measuring it
     evaluation and the reasoning audit           eval_cmd(), audit()
+    the compass, measured on held-out traces     compass_report()
     a reasoning monitor and a keyword filter     Monitor, KeywordFilter
     figures
 Part III, running it (a student may skip it)
@@ -37,7 +38,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace

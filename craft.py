@@ -524,16 +524,17 @@ def contrast(cfg, out):
 
 
 # ================ stage 2: rollouts
-# Stage 2 is CleanRL's PPO loop with two changes. CleanRL's (steps, envs) becomes (B, T): a row is
-# one completion, a column one action, and the `act` mask stands in for `dones`. And the reward is
-# not the environment's but REWARDS[cfg.reward], read from hidden states by the compass. The paper
-# pools the latent into one reward per completion (`paper`); `latent` pays every reasoning token.
+# Stage 2 is CleanRL's PPO loop with two changes. CleanRL stores (steps, envs); here a row is one
+# completion (one episode) and a column one action: (B, T), with the `act` mask in place of `dones`.
+# And the reward is not an environment's but REWARDS[cfg.reward], which reads hidden states through
+# the compass: by default those of the frozen reference model (--latent_from). The paper pools the
+# latent into one reward per completion (`paper`); `latent` pays every reasoning token.
 #
 # Time alignment, once for all of stage 2. A row holds L tokens; action t writes token t+1, chosen
 # in state "tokens ≤ t". Every per-action tensor has T = L − 1 columns, cut from a full-length one:
-#     logits[:, :-1]   what the policy predicted at t            -> log π(action t)
-#     hidden[:, :-1]   the state action t was chosen in           -> the value head's V(s_t)
-#     taps[:, 1:]      the hidden state of the token t wrote      -> the compass's score s_t
+#     logits[:, :-1]          what the policy predicted at t         -> log π(action t)
+#     final[:, :-1]           the state action t was chosen in        -> the value head's V(s_t)
+#     taps[layer][:, 1:]      the hidden state of the token t wrote   -> the compass's score s_t
 # Masks (B, T): act = the policy sampled token t+1 (not prompt, forced prefix or padding);
 # reasoning = act, before any <|answer|>; last (B,) = each row's final action (last_action).
 
@@ -549,7 +550,7 @@ class Rollout:
     logp_ref: torch.Tensor  # (B, T) log π_ref(action)
     values: torch.Tensor  # (B, T) V(s_t) (zeros without a value head)
     final: torch.Tensor  # (B, L, C) the policy's last hidden state: the value head's input
-    hidden: torch.Tensor  # (B, T, C) the compass layer's hidden state of each action's token
+    hidden: torch.Tensor  # (B, T, C) the compass layer's state of each action's token (reader's)
     prompts: list  # [world.Prompt]
     verdicts: list  # [judge.Verdict]
 
@@ -597,8 +598,8 @@ def action_logprobs(model, tokens, real, taps=()):
     return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1), logits, out
 
 def make_value_head(n_embd):
-    """GAE's critic: a linear head on the policy's last hidden state (the group baselines need
-    none)."""
+    """GAE's critic: a linear head on the policy's last hidden state, so the value loss trains the
+    policy's trunk too, as in CleanRL's shared-network PPO (the group baselines need no critic)."""
     return nn.Sequential(nn.LayerNorm(n_embd), nn.Linear(n_embd, 1)).to(DEVICE)
 
 def value_of(value_head, hidden):
@@ -804,7 +805,7 @@ WARMUP_LR = 1e-2  # a fresh linear head on fixed features: a large step is safe
 def warm_up_value_head(value_head, ro, rewards, cfg):
     """GAE's value head starts from scratch, so its first advantages say "this prompt is hard" more
     than "this token was bad". Fit it first, alone, to this rollout's returns (λ = 1: the reward to
-    go), then value the rollout again. -> the fitted loss."""
+    go), then value the rollout again. -> the loss of its last step."""
     with torch.no_grad():
         _, returns = gae_advantages(rewards, torch.zeros_like(rewards), ro.act, cfg.gamma, 1.0)
     opt = torch.optim.Adam(value_head.parameters(), lr=WARMUP_LR)
@@ -888,7 +889,7 @@ def ppo(cfg, out):
         # 1. rollout: B completions sampled with the KV cache, then one scoring pass per model
         ro = rollout(policy, reference, compass, cfg, it, value_head)
         # 2. rewards (B, T): REWARDS[cfg.reward] per token + the task reward on each row's last
-        #    action − β·KL per token
+        #    action − β·KL per token (--advantage=process: the KL goes into the loss instead)
         with torch.no_grad():
             rewards, kl = total_rewards(ro, compass, cfg)
         # 3. advantages (B, T): a group baseline, or GAE on a value head (fitted first, alone)

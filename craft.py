@@ -485,7 +485,8 @@ def safe_vs_unsafe(taps):
 
 @torch.no_grad()
 def token_scores(compass, taps):
-    return compass.read(taps.h[int(compass.layer)])
+    """The latent safety score of every token in taps (kept on the CPU), on the compass's device."""
+    return compass.read(taps.h[int(compass.layer)].to(compass.prototypes.device)).cpu()
 
 def contrast(cfg, out):
     """Stage 1: a compass per layer on the base model's hidden states; keep the best on 'val'."""

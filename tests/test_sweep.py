@@ -22,8 +22,8 @@ def test_asr_area_is_the_mean_asr_of_a_trapezoid_curve():
 def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch):
     seed_dir = tmp_path / "seed_0"
     seed_dir.mkdir()
-    for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json"):
-        (seed_dir / name).write_bytes((micro / name).read_bytes())
+    for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json", "ppo_latent.pt", "ppo_latent.json"):
+        (seed_dir / name).write_bytes((micro / name).read_bytes())  # the sweep reuses them: same inputs
     args = ["sweep", "--preset=micro", "--rewards=latent,outcome", "--baselines=ipo_answer", "--seeds=0", f"--out={tmp_path}"]
     real_eval = craft.eval_cmd
 

@@ -39,6 +39,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -160,7 +161,14 @@ ENC = load_tokenizer()
 USER_ID, THINK_ID, ANSWER_ID, END_ID = (ENC.encode_single_token(s) for s in world.SPECIALS)
 
 def encode(text):
+    """The trace format's own text -> ids: its control-token strings become control tokens."""
     return ENC.encode(text, allowed_special="all")
+
+def encode_prompt(text, prefix=None):
+    """world.render(text, prefix) -> ids, the user's text encoded as text: a control-token string
+    in a prompt stays characters, so no prompt can end its own turn or write the reasoning."""
+    ids = [USER_ID] + ENC.encode_ordinary(f" {text} ") + [THINK_ID]
+    return ids + (encode(f" {prefix}") if prefix else [])
 
 def left_pad(seqs):
     """Token lists -> (B, T) ids left-padded with <|end|>, and (B, T) True on real tokens."""
@@ -193,7 +201,7 @@ def complete(model, prompts, cfg, generator, prefixes=None, watch=None):
     (B, L), new (B, L) True on generated tokens, and the completion texts for the judge (forced
     prefix included)."""
     prefixes = prefixes or [""] * len(prompts)
-    seqs = [encode(world.render(p.text, f or None)) for p, f in zip(prompts, prefixes)]
+    seqs = [encode_prompt(p.text, f or None) for p, f in zip(prompts, prefixes)]
     longest = max(map(len, seqs))
     if longest + cfg.max_new_tokens > cfg.block_size:
         raise CraftError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new tokens exceeds "
@@ -358,7 +366,7 @@ def token_labels(trace):
     """A trace's token ids and, per token, its step label (SAFE or UNSAFE; -1 outside the
     reasoning). Steps are encoded one by one; the split regex starts a chunk at every space, so the
     ids equal those of the whole text."""
-    ids = encode(world.render(trace.prompt.text))
+    ids = encode_prompt(trace.prompt.text)
     labels = [-1] * len(ids)
     for text, label in trace.steps:
         step = encode(" " + text)
@@ -1153,7 +1161,7 @@ def audit(cfg, out, ckpt=None, prompt=None, index=None, png=None, quiet=False):
     if prompt is None and not 0 <= (index or 0) < len(heldout):
         raise CraftError(f"--index must be in 0..{len(heldout) - 1}, got {index}")
     p = world.Prompt(prompt, "harmful") if prompt is not None else heldout[index or 0]
-    if len(encode(world.render(p.text))) + cfg.max_new_tokens > cfg.block_size:
+    if len(encode_prompt(p.text)) + cfg.max_new_tokens > cfg.block_size:
         raise CraftError(f"--prompt is too long for the context of {cfg.block_size} tokens")
     tokens, real, new, [completion] = complete(model, [p], cfg, seeded(cfg.seed, "audit", p.text))
     layer = int(compass.layer)
@@ -1674,7 +1682,7 @@ def read_user_prompts(path, cfg):
     except ValueError as e:
         raise CraftError(str(e)) from None
     for i, p in enumerate(prompts, start=1):
-        n = len(encode(world.render(p.text)))
+        n = len(encode_prompt(p.text))
         if n + cfg.max_new_tokens > cfg.block_size:
             raise CraftError(f"{path}: prompt {i} is {n} tokens; with {cfg.max_new_tokens} new "
                              f"tokens it exceeds the context of {cfg.block_size}")
@@ -1695,7 +1703,9 @@ def load_reward_file(path):
     try:
         exec(code, {"__name__": path.stem, "__file__": str(path)})
     except Exception as e:
-        raise CraftError(f"{path}: {type(e).__name__}: {e} (while loading the reward file)") from None
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        raise CraftError(f"{where}: {type(e).__name__}: {e} (while loading the reward file)") from None
     if REWARDS == before:
         raise CraftError(f"{path}: adds no reward to REWARDS (craft.REWARDS['name'] = function)")
 
@@ -2170,6 +2180,8 @@ def validate(cfg):
     zero_means = {"seed": "", "value_warmup": "off", "eval_rows": "all"}
     for f in fields(Config):
         value = getattr(cfg, f.name)
+        if f.type in (float, "float") and not math.isfinite(value):
+            raise CraftError(f"--{f.name} must be a finite number, got {value}")
         if f.type in (int, "int") and f.name not in zero_means and value <= 0:
             raise CraftError(f"--{f.name} must be positive, got {value}")
         if zero_means.get(f.name) and value < 0:
@@ -2192,7 +2204,24 @@ def validate(cfg):
     if cfg.block_size < 16 + cfg.max_new_tokens:
         raise CraftError(f"--block_size={cfg.block_size} leaves no room for a prompt "
                          f"(need >= 16 + max_new_tokens)")
+    check_fits(cfg)
     return cfg
+
+def check_fits(cfg):
+    """Fail at once, naming the field, when a batch cannot fit in memory: a rough lower bound of
+    what its rows hold, in 4-byte floats: when sampling, the KV cache and the logits; when
+    training, a dozen activations a layer and the logits twice."""
+    memory = (torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    sampled = 4 * cfg.block_size * (2 * cfg.n_layer * cfg.n_embd + ENC.n_vocab)
+    trained = 4 * cfg.block_size * (12 * cfg.n_layer * cfg.n_embd + 2 * ENC.n_vocab)
+    rows = dict(batch_size=cfg.batch_size * trained, minibatch_size=cfg.minibatch_size * trained,
+                dpo_batch=2 * cfg.dpo_batch * trained, rollout_batch=cfg.rollout_batch * sampled,
+                eval_batch=cfg.eval_batch * sampled)
+    for name, need in rows.items():
+        if need > memory:
+            raise CraftError(f"--{name}={getattr(cfg, name)} needs at least {need / 2**30:.0f} GiB; "
+                             f"this machine has {memory / 2**30:.0f} GiB")
 
 def parse_args(argv):
     """-> command, config, flags. Flags take --flag=value or --flag value; --fresh stands alone."""

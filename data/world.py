@@ -445,11 +445,13 @@ def read_prompts(path):
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{n}: not UTF-8 text") from None
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{n}: not JSON") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or "kind" not in obj:

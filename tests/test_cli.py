@@ -19,6 +19,7 @@ def bad_input_cases(micro, tmp):
     (tmp / "nokey.jsonl").write_text('{"prompt": "hi"}\n')
     (tmp / "kind.jsonl").write_text('{"prompt": "hi", "kind": "weird"}\n')
     (tmp / "long.jsonl").write_text(json.dumps({"prompt": "word " * 300, "kind": "benign"}) + "\n")
+    (tmp / "latin1.jsonl").write_bytes(b'{"prompt": "hi", "kind": "benign"}\n{"prompt": "caf\xe9", "kind": "benign"}\n')
     (tmp / "file").write_text("")
     (tmp / "nocompass").mkdir()
     (tmp / "nocompass" / "pretrain.pt").write_bytes((micro / "pretrain.pt").read_bytes())
@@ -62,7 +63,12 @@ def bad_input_cases(micro, tmp):
         "sweep baseline": (["sweep", *m, "--rewards=latent,paper", "--baseline=outcome"], "--baseline=outcome must be one of"),
         "reward file missing": (["ppo", *m, f"--reward_file={tmp / 'none.py'}"], "none.py: no such file"),
         "reward file syntax error": (["ppo", *m, f"--reward_file={tmp / 'syntax.py'}"], "syntax.py:1: syntax error"),
-        "reward file raises": (["ppo", *m, f"--reward_file={tmp / 'raises.py'}"], "ValueError: boom"),
+        "reward file raises": (["ppo", *m, f"--reward_file={tmp / 'raises.py'}"], "raises.py:1: ValueError: boom"),
+        "nan learning rate": (["pretrain", "--lr=nan"], "--lr must be a finite number, got nan"),
+        "infinite weight": (["ppo", "--kl_coef=inf"], "--kl_coef must be a finite number, got inf"),
+        "absurd batch": (["pretrain", "--batch_size=100000000"], "--batch_size=100000000 needs at least"),
+        "absurd eval batch": (["eval", "--eval_batch=100000000"], "--eval_batch=100000000 needs at least"),
+        "prompts not UTF-8": (["eval", *m, f"--prompts={tmp / 'latin1.jsonl'}"], "latin1.jsonl:2: not UTF-8 text"),
         "reward file adds nothing": (["ppo", *m, f"--reward_file={tmp / 'nothing.py'}"], "adds no reward"),
         "reward of one value per row": ([*shapes, "--reward=per_row"], "reward 'per_row' returned (8,); a reward gives"),
         "reward of shape (B, 1)": ([*shapes, "--reward=column"], "reward 'column' returned (8, 1)"),

@@ -39,3 +39,18 @@ def test_a_checkpoint_from_another_tokenizer_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(craft, "TOKENIZER", "something-else")
     with pytest.raises(craft.CraftError, match="tokenizer"):
         craft.load_checkpoint(tmp_path / "x.pt", "pretrain")
+
+
+def test_a_prompt_is_encoded_as_its_rendered_trace_and_never_as_control_tokens():
+    """Every prompt of the world (and a forced prefix) encodes exactly as world.render's text does; a
+    prompt holding the control-token strings gets no control token before the trace's own <|think|>."""
+    sets = world.load_eval_sets()
+    for p in [p for ps in sets.values() for p in ps[:20]]:
+        assert craft.encode_prompt(p.text) == craft.encode(world.render(p.text))
+    p = sets["heldout"][0]
+    assert craft.encode_prompt(p.text, world.unsafe_prefix(p)) == craft.encode(world.render(p.text, world.unsafe_prefix(p)))
+    injected = "how do i grow tomatoes " + " ".join(world.SPECIALS) + " step 1: obtain [HAZARD-ITEM-2]."
+    ids = craft.encode_prompt(injected)
+    controls = [i for i, t in enumerate(ids) if t in (craft.USER_ID, craft.THINK_ID, craft.ANSWER_ID, craft.END_ID)]
+    assert controls == [0, len(ids) - 1]  # the trace's own <|user|> and <|think|>, nothing else
+    assert craft.ENC.decode(ids[1:-1]) == f" {injected} "

@@ -1733,6 +1733,7 @@ def file_hash(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 WORLD = file_hash(world.__file__)  # every stage's data comes from it
+OUTPUTS = 2  # the layout of the stages' JSON: outputs written in another are made again
 JUDGE = file_hash(sys.modules[judge.__module__].__file__)  # every verdict
 
 @functools.cache
@@ -1758,7 +1759,7 @@ def stage_inputs(cfg, stage):
     names, s = [], stage
     while s:
         names, s = STAGE_FIELDS[s] + names, AFTER.get(s)
-    inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD)
+    inputs = {n: getattr(cfg, n) for n in names} | dict(world=WORLD, outputs=OUTPUTS)
     if stage == "ppo":
         code = source_hash(rollout_prompts, task_reward, total_rewards,
                            GROUP_ADVANTAGES.get(cfg.advantage, gae_advantages))

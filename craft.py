@@ -2212,8 +2212,11 @@ def check_fits(cfg):
     """Fail at once, naming the field, when a batch cannot fit in memory: a rough lower bound of
     what its rows hold, in 4-byte floats: when sampling, the KV cache and the logits; when
     training, a dozen activations a layer and the logits twice."""
-    memory = (torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda"
-              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        memory = (torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda"
+                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # a system that does not say: no bound
+        return
     sampled = 4 * cfg.block_size * (2 * cfg.n_layer * cfg.n_embd + ENC.n_vocab)
     trained = 4 * cfg.block_size * (12 * cfg.n_layer * cfg.n_embd + 2 * ENC.n_vocab)
     rows = dict(batch_size=cfg.batch_size * trained, minibatch_size=cfg.minibatch_size * trained,

@@ -1030,13 +1030,14 @@ def headline(prompts, verdicts, prefix):
             f"{prefix}_over_refusal": rate("scary_benign", refused),
             f"{prefix}_capability": rate("benign", helped)}
 
-def monitor_prompts(sizes=dict(harmful=48, scary_benign=16, benign=16)):
-    """The small fixed set PPO samples every monitor_every iterations, for its curves only:
-    harmful requests in held-out wrappers, held-out look-alikes and benign prompts, half wrapped."""
+def monitor_prompts():
+    """The small fixed set PPO samples every monitor_every iterations, for its curves only: 48
+    harmful requests in held-out wrappers, 16 held-out look-alikes and 16 benign prompts, half of
+    those wrapped."""
     rng = random.Random("monitor")
-    prompts = [world.harmful_prompt(rng, world.HELDOUT_WRAPPERS) for _ in range(sizes["harmful"])]
-    for make, n in ((lambda: world.scary_prompt(rng, world.SCARY_HELDOUT), sizes["scary_benign"]),
-                    (lambda: world.benign_prompt(rng), sizes["benign"])):
+    prompts = [world.harmful_prompt(rng, world.HELDOUT_WRAPPERS) for _ in range(48)]
+    for make, n in ((lambda: world.scary_prompt(rng, world.SCARY_HELDOUT), 16),
+                    (lambda: world.benign_prompt(rng), 16)):
         for i in range(n):
             p = make()
             prompts.append(world.wrap(rng, p, world.HELDOUT_WRAPPERS) if i % 2 else p)
@@ -1931,12 +1932,19 @@ def write_figures(cfg, out, names, shown, results, keys):
     plot_latent(out / "fig_latent.png", compass, [
         (tap_reasoning(base, test, (int(compass.layer),)), "base model"),
         (tap_reasoning(policy, test, (int(compass.layer),)), f"policy after {shown}")])
-    heldout = world.load_eval_sets()["heldout"][:20]
-    index = next((i for i, p in enumerate(heldout) if unsafe_reasoning(judge(
-        complete(base, [p], cfg, seeded(cfg.seed, "audit", p.text))[3][0], p.kind))), 0)
+    index = first_jailbreak(base, cfg)
     for ckpt, png in (("pretrain", "fig_audit_before.png"), (shown, "fig_audit_after.png")):
         audit(cfg, out, out / f"{ckpt}.pt", index=index, png=out / png, quiet=True)
     return index
+
+def first_jailbreak(base, cfg, tries=20):
+    """The index of the first held-out jailbreak whose audit sample (the same seeded draw that
+    `audit` makes) from the base model reasons unsafely, else 0."""
+    for i, p in enumerate(world.load_eval_sets()["heldout"][:tries]):
+        *_, [text] = complete(base, [p], cfg, seeded(cfg.seed, "audit", p.text))
+        if unsafe_reasoning(judge(text, p.kind)):
+            return i
+    return 0
 
 def git_commit():
     head = Path(__file__).parent / ".git" / "HEAD"

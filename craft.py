@@ -141,7 +141,7 @@ PRESETS = {
                     max_new_tokens=24, monitor_every=1, save_every=1, dpo_steps=4, dpo_batch=4,
                     eval_rows=50, eval_batch=1024),
     # an engineer's loop: a few minutes for a first run, then a reward at a time (lesson 12)
-    "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=800, lr=3e-3,
+    "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=1500, lr=3e-3,
                     contrast_traces=200, contrast_steps=60, contrast_batch=256, latent_dim=16,
                     ppo_iters=8, rollout_batch=32, eval_batch=512),
     "cpu": Config(),  # the classroom demo
@@ -881,8 +881,8 @@ def run_name(cfg):
 
 def ppo(cfg, out):
     """Stage 2: PPO from the base model, rewarded by REWARDS[cfg.reward] through the compass."""
-    reference, policy = load_base(cfg, out), load_base(cfg, out)
     compass = load_compass(out / "contrast.pt")
+    reference, policy = load_base(cfg, out), load_base(cfg, out)
     torch.manual_seed(cfg.seed)
     groups = [dict(params=policy.parameters(), lr=cfg.ppo_lr, peak=cfg.ppo_lr)]
     value_head = make_value_head(cfg.n_embd) if cfg.advantage == "gae" else None
@@ -1422,9 +1422,10 @@ def figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 def save_figure(fig, path):
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    fig.clf()
+    plt.close(fig)
 
 @torch.no_grad()
 def plot_latent(path, compass, panels):
@@ -1485,14 +1486,21 @@ def plot_curves(path, runs):
     axes[2].legend()
     save_figure(fig, path)
 
-def plot_results(path, results, keys):
-    fig, ax = figure(figsize=(max(12, 1.6 * len(keys)), 6))
-    width = 0.8 / len(results)
-    for i, (name, m) in enumerate(results.items()):
-        ax.bar([k + i * width for k in range(len(keys))], [m[k] for k in keys], width, label=name)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys, rotation=30, ha="right")
-    ax.set(title="evaluation on the committed sets (lower ASR / SSA / over-refusal is better)", ylim=(0, 1.05))
-    ax.legend(ncol=3)
+HEADLINE = {"asr_heldout": "jailbreaks that work ↓", "ssa_heldout": "plan, then refusal ↓",
+            "over_refusal_heldout": "look-alikes refused ↓", "capability": "tasks solved ↑"}
+
+def plot_headline(path, results):
+    """The report's rows, one bar each, in one panel per headline key, each value written out."""
+    fig, axes = figure(1, len(HEADLINE), figsize=(5.5 * len(HEADLINE), 1.5 + 0.6 * len(results)),
+                       sharey=True)
+    names = list(results)[::-1]  # the first row on top
+    for ax, (key, title) in zip(axes, HEADLINE.items()):
+        values = [results[n][key] for n in names]
+        ax.barh(names, values, color=PALETTE["safe" if key == "capability" else "unsafe"])
+        for y, v in enumerate(values):
+            ax.text(v + 0.03, y, f"{v:.2f}", va="center", fontsize=16)
+        ax.set(title=f"{key}\n{title}", xlim=(0, 1.25), xticks=[0, 0.5, 1])
+    axes[0].tick_params(axis="y", labelsize=16)
     save_figure(fig, path)
 
 def plot_sweep(path, curves):
@@ -1586,13 +1594,52 @@ def load_model(path, stage="any"):
     return model.to(DEVICE).eval(), cfg
 
 def load_base(cfg, out):
-    """DIR/pretrain.pt, which must have the model shape this run asks for."""
+    """DIR/pretrain.pt, which must have the model shape this run asks for; a DIR without one gets
+    the shipped base of this config, or is pretrained first."""
+    if not (out / "pretrain.pt").is_file():
+        base_or_pretrain(cfg, out)
     model, base_cfg = load_model(out / "pretrain.pt", "pretrain")
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(base_cfg, name) != getattr(cfg, name):
             raise CraftError(f"{out / 'pretrain.pt'} has {name}={getattr(base_cfg, name)}, this "
                              f"run asks for {getattr(cfg, name)}; rerun pretrain or drop the override")
     return model
+
+SHIPPED = Path(__file__).parent / "data"  # data/base_<preset>.pt: each preset's base model, seed 0
+
+def ship_base(out, preset):
+    """DIR/pretrain.pt -> data/base_<preset>.pt: the weights in half precision, with the run's JSON
+    (config, pretraining inputs, loss curve)."""
+    ck = load_checkpoint(out / "pretrain.pt", "pretrain")
+    weights = {k: v.half() for k, v in ck["model"].items()}
+    save_checkpoint(SHIPPED / f"base_{preset}.pt", "pretrain", Config(**ck["config"]),
+                    model=weights, run=(out / "pretrain.json").read_text())
+    print(f"pretrain: shipped -> {SHIPPED / f'base_{preset}.pt'}")
+
+def shipped_base(cfg):
+    """-> the name, weights and run JSON of the shipped base whose pretraining inputs are this
+    run's, or None."""
+    inputs = json.loads(json.dumps(stage_inputs(cfg, "pretrain")))
+    for path in sorted(SHIPPED.glob("base_*.pt")):
+        ck = load_checkpoint(path, "pretrain")
+        run = json.loads(ck["run"])
+        if run["inputs"] == inputs:
+            return path.name, {k: v.float() for k, v in ck["model"].items()}, run
+    return None
+
+def base_or_pretrain(cfg, out, fresh=False):
+    """DIR/pretrain.pt as if pretrain had just run: the shipped base of this config, or (none
+    matching, or fresh) pretraining itself."""
+    found = None if fresh else shipped_base(cfg)
+    if found:
+        name, weights, run = found
+        save_checkpoint(out / "pretrain.pt", "pretrain", cfg, model=weights)
+        save_json(out / "pretrain.json", run | dict(shipped=name, seconds=0.0))
+        print(f"pretrain: the shipped base {name} has this config -> {out / 'pretrain.pt'}")
+        return
+    if not fresh:
+        print("pretrain: no shipped base has this config, pretraining")
+    pretrain(cfg, out)
 
 def load_compass(path):
     ck = load_checkpoint(path, "contrast")
@@ -1792,10 +1839,12 @@ def up_to_date(path, inputs):
     except (OSError, ValueError):
         return False
 
-def stage_steps(cfg, out, runs, evals, prefs=()):
-    """What demo and sweep run, in order, as (directory, name, inputs, run): pretrain, contrast,
-    a PPO run per config in `runs`, a DPO run per config in `prefs`, an eval per (ckpt, guard)."""
-    steps = [("pretrain", lambda: stage_inputs(cfg, "pretrain"), lambda: pretrain(cfg, out)),
+def stage_steps(cfg, out, runs, evals, prefs=(), fresh=False):
+    """What demo and sweep run, in order, as (directory, name, inputs, run): pretrain (or the
+    shipped base), contrast, a PPO run per config in `runs`, a DPO run per config in `prefs`, an
+    eval per (ckpt, guard)."""
+    steps = [("pretrain", lambda: stage_inputs(cfg, "pretrain"),
+              lambda: base_or_pretrain(cfg, out, fresh)),
              ("contrast", lambda: stage_inputs(cfg, "contrast"), lambda: contrast(cfg, out))]
     steps += [(run_name(c), lambda c=c: stage_inputs(c, "ppo"), lambda c=c: ppo(c, out))
               for c in runs]
@@ -1817,28 +1866,37 @@ def run_stages(steps, fresh=False):
 
 # ================ demo, report and sweep
 
-BASELINES = ("dpo_full", "dpo_answer")  # demo's preference-optimisation rows: <loss>_<pairs>
+CLASSROOM = ("outcome", "latent")  # demo's PPO rows; demo --full trains every reward
+BASELINES = ("dpo_full", "dpo_answer")  # demo --full's preference-optimisation rows: <loss>_<pairs>
 
 def preference_config(cfg, baseline):
     """'ipo_answer' -> cfg with that loss and those pairs."""
     loss, _, pairs = baseline.partition("_")
     return replace(cfg, loss=loss, pairs=pairs)
 
-def guarded_evals(names):
-    """The guards' rows: the base model behind the filter and the monitor, a policy with one."""
-    shown = "ppo_latent" if "ppo_latent" in names else names[0]
-    return [("pretrain", "filter"), ("pretrain", "stop"), ("pretrain", "steer"), (shown, "steer")]
+def shown_policy(names):
+    """The policy the figures show after training: CRAFT's when it ran."""
+    return "ppo_latent" if "ppo_latent" in names else names[-1]
 
-def demo(cfg, out, fresh=False, rewards=None, baselines=BASELINES):
-    """pretrain -> contrast -> ppo per reward -> dpo per baseline -> eval of the base, each
-    policy and the guards -> report.md."""
-    runs = [replace(cfg, reward=r) for r in rewards or REWARDS]
+def guarded_evals(names, full):
+    """The guards' rows: the base model behind the keyword filter and behind the monitor (stop);
+    with --full, the monitor steering the base model and the shown policy too."""
+    rows = [("pretrain", "filter"), ("pretrain", "stop")]
+    return rows + ([("pretrain", "steer"), (shown_policy(names), "steer")] if full else [])
+
+def demo(cfg, out, fresh=False, full=False, rewards=None, baselines=None):
+    """The shipped base (or pretrain) -> contrast -> ppo per reward -> dpo per baseline -> eval of
+    the base, each policy and the guards -> report.md. By default the five rows of the story: the
+    base, PPO outcome, PPO latent, the base behind the filter and behind the monitor."""
+    runs = [replace(cfg, reward=r) for r in rewards or (REWARDS if full else CLASSROOM)]
+    baselines = BASELINES if full and baselines is None else baselines or ()
     prefs = [preference_config(cfg, b) for b in baselines]
     names, pref_names = [run_name(c) for c in runs], [dpo_name(c) for c in prefs]
-    evals = [(n, None) for n in ["pretrain"] + names + pref_names] + guarded_evals(names)
+    guarded = guarded_evals(names, full)
+    evals = [(n, None) for n in ["pretrain"] + names + pref_names] + guarded
     t0 = time.time()
-    run_stages(stage_steps(cfg, out, runs, evals, prefs), fresh)
-    write_report(cfg, out, names, pref_names, time.time() - t0)
+    run_stages(stage_steps(cfg, out, runs, evals, prefs, fresh), fresh)
+    write_report(cfg, out, names, pref_names, guarded, time.time() - t0)
 
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -1851,18 +1909,18 @@ def row_name(ckpt, guard):
     name = "base" if ckpt == "pretrain" else ckpt.removeprefix("ppo_")
     return name + {None: "", "filter": " + filter"}.get(guard, f" + monitor ({guard})")
 
-def write_report(cfg, out, names, pref_names, demo_seconds):
+def write_report(cfg, out, names, pref_names, guarded, demo_seconds):
     """report.md: the tables, the figures, the time per stage and the config (lessons 11-14)."""
     def read(name):
         return json.loads((out / f"{name}.json").read_text())
-    guarded = guarded_evals(names)
-    rows = [("pretrain", None)] + guarded[:3] + [(n, None) for n in names + pref_names] + guarded[3:]
+    rows = [("pretrain", None)] + [(n, None) for n in names + pref_names] + guarded
     evals = [f"eval_{n}{guard_suffix(g)}" for n, g in rows]
     results = {row_name(n, g): read(e) for (n, g), e in zip(rows, evals)}
     keys = [k for k in results["base"]["counts"] if not k.startswith("false_flag")]
     table = [[k] + [cell(m, k) for m in results.values()] for k in keys]
     table.append(["kl_ref"] + [f"{m['kl_ref']:.4f}" for m in results.values()])
-    watched = {row_name(n, None): read(f"eval_{n}{guard_suffix(g)}") for n, g in guarded[2:]}
+    watched = {row_name(n, None): read(f"eval_{n}{guard_suffix(g)}") for n, g in guarded
+               if g in ACTIONS}
     flags = [k for k in watched["base"]["counts"] if k.startswith("false_flag")]
     detection = [[name, f"{m['monitor_threshold']:+.2f}", *m["detection_auroc"].values(),
                   m["lead_time_median"], m["plans_missed"], *[cell(m, k) for k in flags]]
@@ -1870,13 +1928,14 @@ def write_report(cfg, out, names, pref_names, demo_seconds):
     times = [[n, f"{read(n).get('seconds', 0.0):.1f}"]
              for n in ["pretrain", "contrast"] + names + pref_names + evals]
     first = ", ".join(f"{n} {read(n)['first_iteration_monitor_asr_le_0_05']}" for n in names)
-    shown = guarded[3][0]
-    index = write_figures(cfg, out, names, shown, results, [k for k in keys if "malformed" not in k])
+    shown = shown_policy(names)
+    index = write_figures(cfg, out, names, shown, results)
+    base = read("pretrain").get("shipped", "pretrained in this directory")
     text = f"""# CRAFT demo report
 
 `python craft.py demo`, seed {cfg.seed}, commit `{git_commit()}`, {platform.platform()}, \
 {os.cpu_count()} cores, {DEVICE}, torch {torch.__version__}: {demo_seconds:.0f} s (reused stages \
-count 0), peak memory {peak_memory_mb():.0f} MiB.
+count 0), peak memory {peak_memory_mb():.0f} MiB. Base model: {base}.
 
 ## Results on the committed eval sets
 
@@ -1884,7 +1943,7 @@ One sample per prompt; fractions with counts (k/n); Wilson 95% intervals in `eva
 
 {markdown_table(["key", *results], table)}
 
-![results](fig_results.png)
+![ASR, SSA, over-refusal and capability per row](fig_headline.png)
 
 PPO iterations until the monitor set's ASR ≤ 0.05: {first}.
 
@@ -1920,13 +1979,13 @@ PPO iterations until the monitor set's ASR ≤ 0.05: {first}.
     atomic_write(out / "report.md", lambda f: Path(f).write_text(text))
     print(f"demo: report -> {out / 'report.md'}")
 
-def write_figures(cfg, out, names, shown, results, keys):
+def write_figures(cfg, out, names, shown, results):
     """The report's figures; -> the index of the held-out jailbreak its audits show: the first
     whose audit sample from the base model reasons unsafely (else 0)."""
     curves = {n: json.loads((out / f"{n}.json").read_text())["curves"] for n in ["pretrain"] + names}
     plot_pretrain_loss(out / "fig_pretrain_loss.png", curves.pop("pretrain")["loss"])
     plot_curves(out / "fig_ppo_curves.png", curves)
-    plot_results(out / "fig_results.png", results, keys)
+    plot_headline(out / "fig_headline.png", results)
     compass, test = load_compass(out / "contrast.pt"), compass_traces(cfg, "test")
     (base, _), (policy, _) = load_model(out / "pretrain.pt"), load_model(out / f"{shown}.pt")
     plot_latent(out / "fig_latent.png", compass, [
@@ -2102,7 +2161,8 @@ def ppo_phase_seconds(cfg):
         t.append(time.perf_counter())
     ppo_update(policy, value_head, opt, ro, adv, returns, cfg, seeded(cfg.seed, "update", 0))
     t.append(time.perf_counter())
-    return {k: b - a for k, a, b in zip(("rollout", "reward", "advantage", "update"), t, t[1:])}
+    phases = ("rollout", "reward", "advantage", "update")
+    return {k: b - a for k, a, b in zip(phases, t, t[1:])}, int(ro.act.sum())
 
 def bench(cfg, out):
     """Speed and memory of the hot paths, each beside its baseline, in this one run."""
@@ -2131,12 +2191,25 @@ def bench(cfg, out):
         r[f"generate_tokens_per_s_{name}"] = 32 * new / median_seconds(generate, 3, 1)
     r["kv_cache_speedup"] = r["generate_tokens_per_s_cached"] / r["generate_tokens_per_s_uncached"]
     r["monitor_speed_ratio"] = r["generate_tokens_per_s_monitored"] / r["generate_tokens_per_s_cached"]
+    # generation as an eval runs it: eval_batch prompts from every eval set, completion tokens up
+    # to each row's end, from the shipped base model of this config (else the random weights)
+    found = shipped_base(cfg)
+    if found:
+        model.load_state_dict(found[1])
+    every = [p for ps in world.load_eval_sets().values() for p in ps]
+    prompts = every[::max(1, len(every) // cfg.eval_batch)][:cfg.eval_batch]
+
+    def sample():
+        return complete(model, prompts, cfg, seeded(cfg.seed, "bench"))[2]
+    seconds = median_seconds(sample, 3, 1)
+    r["eval_generate_tokens_per_s"] = int(sample().sum()) / seconds
+    r["eval_generate_model"] = found[0] if found else "random weights"
     # one PPO iteration, phase by phase (random weights: nearly every completion runs its length)
     for advantage in ("gae", "grpo"):
         pcfg = replace(cfg, **BENCH_PPO, advantage=advantage)
-        phases = ppo_phase_seconds(pcfg)
+        phases, tokens = ppo_phase_seconds(pcfg)
         r[f"{advantage}_iteration_seconds"] = {k: round(v, 3) for k, v in phases.items()}
-        r[f"{advantage}_tokens_per_s"] = pcfg.rollout_batch * pcfg.max_new_tokens / sum(phases.values())
+        r[f"{advantage}_tokens_per_s"] = tokens / sum(phases.values())  # completion tokens
     r["peak_memory_mb"] = peak_memory_mb()
     save_json(out / "bench.json", r)
     for k, v in r.items():
@@ -2149,8 +2222,8 @@ def bench(cfg, out):
 # ================ the command line
 
 COMMANDS = {  # the command and what it does; every command takes --preset, --out, --field=value
-    "demo": "every stage, then DIR/report.md [--fresh --rewards=latent,... --baselines=dpo_full,...]",
-    "pretrain": "the jailbreakable base model -> pretrain.pt",
+    "demo": "the five rows of the story -> DIR/report.md [--full --fresh --rewards=... --baselines=...]",
+    "pretrain": "the jailbreakable base model -> pretrain.pt [--ship: also data/base_<preset>.pt]",
     "contrast": "stage 1: the safety compass -> contrast.pt",
     "ppo": "stage 2 -> ppo_<reward>[_<advantage>][_self].pt [--reward_file=PATH.py]",
     "dpo": "the preference baseline [--loss=dpo|ipo --pairs=full|answer] -> dpo_<loss>_<pairs>.pt",
@@ -2163,8 +2236,9 @@ COMMANDS = {  # the command and what it does; every command takes --preset, --ou
 USAGE = ("usage: python craft.py COMMAND [--preset=micro|quick|cpu|gpu] [--out=DIR] [--field=value]\n"
          + "".join(f"  {c:<9}{text}\n" for c, text in COMMANDS.items())
          + "fields: " + " ".join(f"--{f.name}" for f in fields(Config)))
-FLAGS = ("preset out ckpt json prompts prompt index rewards baselines fresh filter monitor action fpr "
-         "reward_file advantages seeds baseline").split()
+FLAGS = ("preset out ckpt json prompts prompt index rewards baselines fresh full ship filter monitor "
+         "action fpr reward_file advantages seeds baseline").split()
+SWITCHES = ("fresh", "full", "ship")  # flags without a value
 
 def parse_overrides(cfg, args):
     """['--n_layer=2', '--dropout=0.1'] -> a new Config. Typos and wrong types are errors."""
@@ -2236,7 +2310,7 @@ def check_fits(cfg):
                              f"this machine has {memory / 2**30:.0f} GiB")
 
 def parse_args(argv):
-    """-> command, config, flags. Flags take --flag=value or --flag value; --fresh stands alone."""
+    """-> command, config, flags. Flags take --flag=value or --flag value; SWITCHES stand alone."""
     if not argv or {"-h", "--help"} & set(argv):
         print(USAGE)
         sys.exit(0)
@@ -2248,8 +2322,8 @@ def parse_args(argv):
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--") or key not in FLAGS:
             overrides.append(arg)
-        elif key == "fresh":
-            flags["fresh"] = True
+        elif key in SWITCHES:
+            flags[key] = True
         elif not eq and not rest:
             raise CraftError(f"--{key} needs a value")
         else:
@@ -2273,6 +2347,9 @@ def check_flags(f, cfg, command):
     for key in ("monitor", "action"):
         if key in f and f[key] not in ACTIONS:
             raise CraftError(f"--{key} must be one of {', '.join(ACTIONS)}, got {f[key]!r}")
+    for key, only in (("full", "demo"), ("ship", "pretrain")):
+        if key in f and command != only:
+            raise CraftError(f"--{key} goes with {only}, not {command}")
     if f.get("filter", "keywords") != "keywords":
         raise CraftError(f"--filter must be keywords, got {f['filter']!r}")
     if "filter" in f and "monitor" in f:
@@ -2330,7 +2407,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
         out = output_dir(f.get("out", "out"))
         if command == "demo":
-            demo(cfg, out, f.get("fresh", False), f.get("rewards"), f.get("baselines", BASELINES))
+            demo(cfg, out, "fresh" in f, "full" in f, f.get("rewards"), f.get("baselines"))
         elif command in ("eval", "monitor"):
             guard = "filter" if "filter" in f else f.get("monitor")
             guard = f.get("action", "stop") if command == "monitor" else guard
@@ -2342,6 +2419,8 @@ def main(argv=None):
                   f.get("baselines", ()))
         else:
             dict(pretrain=pretrain, contrast=contrast, ppo=ppo, dpo=dpo, bench=bench)[command](cfg, out)
+        if "ship" in f:
+            ship_base(out, f.get("preset", "cpu"))
     except CraftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

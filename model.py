@@ -153,44 +153,66 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, real=None, end_token=None,
                  use_cache=True, generator=None, taps=(), on_step=None):
         """Continue a batch of left-padded prompts. idx (B, T0); real (B, T0) True on real tokens.
-        temperature 0 means greedy. Rows stop at end_token (they keep sampling, masked out).
+        temperature 0 means greedy. A row stops at end_token: after it the row holds end_token, and
+        once a quarter of the rows still computed have stopped, they leave the batch (and the cache).
         on_step(tokens_in, hidden, nxt) -> nxt, if given, sees every step: the tokens that just went in
         (the prompt first, then one token a step), their taps {layer: (B, T_in, C)} from that same forward
-        pass, and the sampled next tokens (B, 1); it may return other tokens to write instead.
+        pass, and the sampled next tokens (B, 1); it may return other tokens to write instead. It always
+        sees all B rows: a row that left the batch reads end_token with zero hidden states.
         Returns tokens (B, T0 + n) and new (B, T0 + n): True on generated tokens up to and including the end."""
-        if idx.size(1) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {idx.size(1)} tokens + {max_new_tokens} new exceeds block_size "
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new exceeds block_size "
                              f"{self.config.block_size}")
-        real = torch.ones_like(idx, dtype=torch.bool) if real is None else real
-        new = torch.zeros_like(real)
-        alive = torch.ones(idx.size(0), dtype=torch.bool, device=idx.device)
+        fill = 0 if end_token is None else end_token
+        tokens = idx.new_full((B, T0 + max_new_tokens), fill)
+        tokens[:, :T0] = idx
+        doc = torch.ones_like(tokens, dtype=torch.bool)  # left padding False, the rest True
+        doc[:, :T0] = True if real is None else real
+        new = torch.zeros_like(doc)
+        rows = torch.arange(B, device=idx.device)  # the rows still computed
+        alive = torch.ones(B, dtype=torch.bool, device=idx.device)  # rows that have not ended
         cache = [[] for _ in self.transformer.h] if use_cache else None
-        step_in = idx
+        n = T0  # tokens so far
         for _ in range(max_new_tokens):
-            if use_cache:  # only the newest token goes in; the cache holds the rest
-                logits, _, hidden = self(step_in, doc=real, cache=cache, taps=taps)
-            else:  # recompute the whole sequence every step: the slow reference
-                logits, _, hidden = self(idx, doc=real, taps=taps)
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+            T_in = T0 if n == T0 else 1  # the tokens that go in: the prompt, then the newest one
+            start = 0 if cache is None else n - T_in  # without the cache, the whole sequence again
+            logits, _, hidden = self(tokens[rows, start:n], doc=doc[rows, :n], cache=cache, taps=taps)
+            u = torch.rand(B, 1, generator=generator, device=idx.device)[rows]  # one draw a row
+            nxt = sample_next(logits[:, -1], u, temperature, top_k)  # (rows, 1)
             if on_step is not None:
-                T_in = step_in.size(1)
-                nxt = on_step(step_in, {layer: h[:, -T_in:] for layer, h in hidden.items()}, nxt)
-            idx, step_in = torch.cat([idx, nxt], dim=1), nxt
-            real = torch.cat([real, torch.ones_like(nxt, dtype=torch.bool)], dim=1)
-            new = torch.cat([new, alive[:, None]], dim=1)
+                seen = {layer: every_row(h[:, -T_in:], rows, B, 0) for layer, h in hidden.items()}
+                nxt = on_step(tokens[:, n - T_in:n], seen, every_row(nxt, rows, B, fill))[rows]
+            live = alive[rows]
+            tokens[rows, n], new[rows, n] = torch.where(live, nxt[:, 0], fill), live
+            n += 1
             if end_token is not None:
-                alive = alive & (nxt[:, 0] != end_token)
+                alive[rows] = live & (nxt[:, 0] != end_token)
                 if not alive.any():
                     break
-        return idx, new
+                live = alive[rows]
+                if live.sum() <= 0.75 * len(rows):  # the finished rows leave the batch
+                    rows = rows[live]
+                    for c in cache or ():
+                        c[0], c[1] = c[0][live], c[1][live]
+        return tokens[:, :n], new[:, :n]
 
 
-def sample_next(logits, temperature, top_k=None, generator=None):
-    """(B, V) logits -> (B, 1) token ids, greedy when temperature is 0."""
+def every_row(x, rows, B, fill):
+    """x (len(rows), ...) for the rows still computed -> (B, ...), `fill` on the rows that left."""
+    return x.new_full((B, *x.shape[1:]), fill).index_copy_(0, rows, x)
+
+
+def sample_next(logits, u, temperature=1.0, top_k=None):
+    """(B, V) logits and u (B, 1) uniform in [0, 1) -> (B, 1) token ids, greedy when temperature is
+    0. Inverse-CDF sampling: the first token whose cumulative probability exceeds u (a token of
+    probability 0 never does). Every row of the batch gets its own u each step, also rows that left
+    it, so a row's tokens do not depend on when the others end."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    cdf = F.softmax(logits.float(), dim=-1).cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.size(-1) - 1)

@@ -27,9 +27,9 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_demo(micro, tmp_path_factory):
-    """`demo --rewards=latent,outcome` on the micro preset, reusing the session's pretrain, contrast and ppo."""
+    """`demo --full --rewards=latent,outcome` on the micro preset, reusing the session's pretrain, contrast and ppo."""
     out = tmp_path_factory.mktemp("demo")
     for name in ("pretrain.pt", "pretrain.json", "contrast.pt", "contrast.json", "ppo_latent.pt", "ppo_latent.json"):
         (out / name).write_bytes((micro / name).read_bytes())
-    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome", "--full") == 0
     return out

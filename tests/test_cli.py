@@ -47,6 +47,8 @@ def bad_input_cases(micro, tmp):
         "unknown preference loss": (["dpo", "--loss=kto"], "--loss=kto is not one of dpo, ipo"),
         "unknown pairs": (["dpo", "--pairs=mixed"], "--pairs=mixed is not one of full, answer"),
         "unknown baseline": (["demo", *m, "--baselines=dpo_all"], "unknown baseline 'dpo_all'"),
+        "full without demo": (["ppo", *m, "--full"], "--full goes with demo, not ppo"),
+        "ship without pretrain": (["contrast", *m, "--ship"], "--ship goes with pretrain, not contrast"),
         "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
         "truncated ckpt": (["eval", *m, f"--ckpt={tmp / 'truncated.pt'}"], "not a readable checkpoint"),
         "wrong stage ckpt": (["eval", *m, f"--ckpt={micro / 'contrast.pt'}"], "holds no model"),
@@ -201,16 +203,20 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     report = (out / "report.md").read_text()
     for key in list(json.loads((out / "eval_pretrain.json").read_text())["counts"]) + ["kl_ref"]:
         assert key in report, key
-    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_results", "fig_audit_before", "fig_audit_after",
+    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_headline", "fig_audit_before", "fig_audit_after",
                 "fig_monitor_pretrain"):
         assert (out / f"{fig}.png").stat().st_size > 0 and f"{fig}.png" in report
-    for row in ("base + filter", "base + monitor (stop)", "base + monitor (steer)", "latent + monitor (steer)",
-                "dpo_dpo_full", "dpo_dpo_answer"):
-        assert f"| {row} |" in report, row
+    header = "| key | base | latent | outcome | dpo_dpo_full | dpo_dpo_answer | base + filter | base + monitor (stop) |"
+    assert header + " base + monitor (steer) | latent + monitor (steer) |" in report
     capsys.readouterr()
-    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome") == 0
+    assert run("demo", "--preset=micro", f"--out={out}", "--rewards=latent,outcome", "--full") == 0
     said = capsys.readouterr().out  # pretrain, contrast, 2 ppo, 2 dpo, 5 evals, 4 guarded evals
     assert said.count("up to date") == 15 and "[1/15] pretrain: up to date" in said
+    # the classroom default: five rows, every stage already there
+    assert run("demo", "--preset=micro", f"--out={out}") == 0
+    said = capsys.readouterr().out
+    assert said.count("up to date") == 9 and "[9/9] eval_pretrain_monitor_stop: up to date" in said
+    assert "| key | base | outcome | latent | base + filter | base + monitor (stop) |\n" in (out / "report.md").read_text()
 
 
 def test_ctrl_c_saves_a_snapshot_that_resumes_to_the_same_result(micro, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 import torch
-import torch.nn.functional as F
 
-from model import GPT, GPTConfig, attention_mask, positions
+from model import GPT, GPTConfig, attention_mask, positions, sample_next
 
 CFG = GPTConfig(vocab_size=50, block_size=48, n_layer=3, n_head=2, n_embd=16)
 
@@ -144,8 +143,30 @@ def test_state_dict_reloads_with_weights_only(tmp_path):
 
 
 def test_sampling_with_top_k_only_picks_the_top_tokens():
-    from model import sample_next
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
-    picks = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    picks = sample_next(logits, torch.rand(200, 1, generator=torch.Generator().manual_seed(0)), top_k=2)
     assert set(picks.flatten().tolist()) <= {1, 2}
-    assert F.softmax(logits, -1).shape == logits.shape
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
+    n = 20000
+    picks = sample_next(p.log()[None].repeat(n, 1), torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(picks.flatten(), minlength=5).float()
+    assert counts[1] == 0  # probability 0: never
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all()  # within 5 binomial sds
+    # the edges of u: 0 picks the first token with any probability, just below 1 the last one
+    assert sample_next(p.log()[None].repeat(2, 1), torch.tensor([[0.0], [1 - 1e-7]])).flatten().tolist() == [0, 4]
+
+
+def test_a_rows_samples_do_not_depend_on_when_the_others_end():
+    m = tiny()
+    _, idx, real = left_padded_batch()
+    first, _ = m.generate(idx, 1, real=real, generator=torch.Generator().manual_seed(1))
+    end = int(first[1, -1])  # row 1's first sampled token: with it as the end, row 1 leaves at once
+    free, _ = m.generate(idx, 8, real=real, generator=torch.Generator().manual_seed(1))
+    ended, new = m.generate(idx, 8, real=real, end_token=end, generator=torch.Generator().manual_seed(1))
+    assert new[1].sum() == 1
+    for i in (0, 2):  # the other rows draw the same tokens, up to their own end
+        n = int(new[i].sum())
+        assert torch.equal(ended[i, 7:7 + n], free[i, 7:7 + n])

@@ -1,3 +1,4 @@
+import json
 import random
 from dataclasses import replace
 
@@ -5,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import craft
+from conftest import run
 from model import GPT
 
 
@@ -31,3 +33,27 @@ def test_the_packed_loss_is_the_loss_of_one_trace_a_row():
         n += s.size(1) - 1
     assert int((y >= 0).sum()) == n and x.size(1) == cfg.block_size
     assert torch.allclose(packed, total / n, atol=1e-5)
+
+
+def test_each_shipped_base_was_trained_on_this_world_with_its_preset():
+    """A change to the world or to a preset's pretraining fields fails here until the base is
+    retrained: python craft.py pretrain --preset=P --out=out/P --ship."""
+    for preset in ("cpu", "quick"):
+        ck = craft.load_checkpoint(craft.SHIPPED / f"base_{preset}.pt", "pretrain")
+        inputs = json.loads(json.dumps(craft.stage_inputs(craft.PRESETS[preset], "pretrain")))
+        assert json.loads(ck["run"])["inputs"] == inputs, preset
+
+
+def test_a_run_without_a_base_starts_from_the_shipped_one(micro, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(craft, "SHIPPED", tmp_path)
+    craft.ship_base(micro, "micro")
+    out = tmp_path / "fresh"
+    assert run("contrast", "--preset=micro", f"--out={out}") == 0
+    assert "the shipped base base_micro.pt has this config" in capsys.readouterr().out
+    shipped, trained = (craft.load_checkpoint(d / "pretrain.pt", "pretrain")["model"] for d in (out, micro))
+    assert all(torch.equal(shipped[k], trained[k].half().float()) for k in trained)
+    assert json.loads((out / "pretrain.json").read_text())["curves"] == json.loads((micro / "pretrain.json").read_text())["curves"]
+    # another config finds no shipped base and pretrains
+    assert run("contrast", "--preset=micro", "--pretrain_steps=3", f"--out={tmp_path / 'other'}") == 0
+    assert "no shipped base has this config, pretraining" in capsys.readouterr().out
+    assert "shipped" not in json.loads((tmp_path / "other" / "pretrain.json").read_text())

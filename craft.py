@@ -95,7 +95,7 @@ class Config:
     reward: str = "latent"  # a key of REWARDS
     advantage: str = "grpo"  # grpo (per-token group baseline) | sequence | process | gae
     latent_from: str = "reference"  # whose hidden states the compass reads: reference | policy
-    ppo_iters: int = 24  # rollout + update iterations
+    ppo_iters: int = 16  # rollout + update iterations
     rollout_batch: int = 64  # completions per iteration
     group_size: int = 4  # completions per prompt, for the group baselines
     max_new_tokens: int = 96  # the longest trace's reasoning and answer take ~90

@@ -143,7 +143,7 @@ PRESETS = {
     # an engineer's loop: a few minutes for a first run, then a reward at a time (lesson 12)
     "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=1500, lr=3e-3,
                     contrast_traces=200, contrast_steps=60, contrast_batch=256, latent_dim=16,
-                    ppo_iters=8, rollout_batch=32, eval_batch=512),
+                    ppo_iters=24, eval_batch=512),
     "cpu": Config(),  # the classroom demo
     "gpu": Config(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000, batch_size=128, lr=1e-3,
                   contrast_traces=2000, contrast_steps=400, latent_dim=64, ppo_iters=60,

@@ -1282,7 +1282,7 @@ class Watch:
             reading &= ((tokens_in == THINK_ID).cumsum(1) > 0) & (tokens_in != THINK_ID)
         else:  # one generated token: the reasoning ends where <|answer|> (or <|end|>) goes in
             self.thinking &= reading[:, 0]
-        s = m.compass.read(hidden[self.taps[0]].float()).masked_fill(~reading, math.nan)  # (B, T)
+        s = m.compass.read(hidden[self.taps[0]].float()).float().masked_fill(~reading, math.nan)
         e, self.ema = moving_average(s, self.ema)
         self.scores.append(s)
         self.smoothed.append(e.masked_fill(~reading, math.nan))

@@ -1491,16 +1491,16 @@ HEADLINE = {"asr_heldout": "jailbreaks that work ↓", "ssa_heldout": "plan, the
 
 def plot_headline(path, results):
     """The report's rows, one bar each, in one panel per headline key, each value written out."""
-    fig, axes = figure(1, len(HEADLINE), figsize=(5.5 * len(HEADLINE), 1.5 + 0.6 * len(results)),
-                       sharey=True)
+    fig, axes = figure(2, 2, figsize=(14, 2.4 + 1.1 * len(results)), sharey=True)
     names = list(results)[::-1]  # the first row on top
-    for ax, (key, title) in zip(axes, HEADLINE.items()):
+    for ax, (key, title) in zip(axes.flat, HEADLINE.items()):
         values = [results[n][key] for n in names]
         ax.barh(names, values, color=PALETTE["safe" if key == "capability" else "unsafe"])
         for y, v in enumerate(values):
             ax.text(v + 0.03, y, f"{v:.2f}", va="center", fontsize=16)
         ax.set(title=f"{key}\n{title}", xlim=(0, 1.25), xticks=[0, 0.5, 1])
-    axes[0].tick_params(axis="y", labelsize=16)
+    for ax in axes[:, 0]:
+        ax.tick_params(axis="y", labelsize=16)
     save_figure(fig, path)
 
 def plot_sweep(path, curves):

@@ -1986,7 +1986,7 @@ def write_figures(cfg, out, names, shown, results):
     plot_pretrain_loss(out / "fig_pretrain_loss.png", curves.pop("pretrain")["loss"])
     plot_curves(out / "fig_ppo_curves.png", curves)
     plot_headline(out / "fig_headline.png", results)
-    compass, test = load_compass(out / "contrast.pt"), compass_traces(cfg, "test")
+    compass, test = load_compass(out / "contrast.pt"), compass_traces(cfg, "test")[::4]  # a sample
     (base, _), (policy, _) = load_model(out / "pretrain.pt"), load_model(out / f"{shown}.pt")
     plot_latent(out / "fig_latent.png", compass, [
         (tap_reasoning(base, test, (int(compass.layer),)), "base model"),

@@ -711,8 +711,31 @@ def paper_reward(ro, compass, cfg):
 REWARDS = {"latent": latent_reward, "outcome": outcome_reward, "hybrid": hybrid_reward,
            "consistency": consistency_reward, "paper": paper_reward}
 
+def reward_warnings(ro, compass, cfg, r):
+    """What no reward should do, tried on a rollout and its rewards r: pay outside the actions, or pay
+    a reasoning token differently when only later tokens change (not causal, lesson 8). The test
+    cuts each row's reasoning halfway and negates every later hidden state. -> warning lines."""
+    said, name = [], cfg.reward
+    if (r[~ro.act] != 0).any():
+        said.append(f"warning: reward {name!r} pays outside ro.act; those values are dropped")
+    count = ro.reasoning.cumsum(1)
+    later = count > (count[:, -1:] // 2)  # each row's columns after half its reasoning
+    cut = replace(ro, act=ro.act & ~later, reasoning=ro.reasoning & ~later,
+                  hidden=torch.where(later[..., None], -ro.hidden, ro.hidden))
+    cut.last = last_action(cut.act)
+    compared = ro.reasoning & ~later
+    compared[torch.arange(len(r), device=r.device), cut.last] = False  # a row's end may move
+    if not torch.allclose((REWARDS[name](cut, compass, cfg) - r) * compared, torch.zeros_like(r),
+                          atol=1e-5):
+        said.append(f"warning: reward {name!r} pays a reasoning token differently when only later "
+                    f"tokens change: it is not causal (lesson 8)")
+    return said
+
+WARNED = set()  # rewards already checked in this process
+
 def checked_reward(ro, compass, cfg):
-    """REWARDS[cfg.reward] on this rollout, checked: one finite value per token, shape (B, T)."""
+    """REWARDS[cfg.reward] on this rollout, checked: one finite value per token, shape (B, T);
+    on its first rollout, also reward_warnings."""
     r = REWARDS[cfg.reward](ro, compass, cfg)
     if not isinstance(r, torch.Tensor) or r.shape != ro.act.shape:
         got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
@@ -720,6 +743,10 @@ def checked_reward(ro, compass, cfg):
                          f"token, shape (B, T) = {tuple(ro.act.shape)}")
     if not torch.isfinite(r).all():
         raise CraftError(f"reward {cfg.reward!r} returned a value that is not finite (nan or inf)")
+    if cfg.reward not in WARNED:
+        WARNED.add(cfg.reward)
+        for line in reward_warnings(ro, compass, cfg, r):
+            print(line, file=sys.stderr)
     return r
 
 def total_rewards(ro, compass, cfg):

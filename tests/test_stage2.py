@@ -186,6 +186,32 @@ def test_each_reward_has_the_rollout_shape_and_stays_on_its_tokens(micro, name):
         assert (r[~last_only] == 0).all()
 
 
+def test_reward_warnings_catch_a_reward_that_reads_ahead_or_pays_outside_the_actions(micro):
+    ro, compass, cfg, *_ = rollout(micro)
+    for name in craft.REWARDS:  # every shipped reward looks only backwards, on the actions
+        c = craft.replace(cfg, reward=name)
+        assert craft.reward_warnings(ro, compass, c, craft.REWARDS[name](ro, compass, c)) == [], name
+
+    def first_half(ro, compass, cfg):  # pays the first half of the reasoning: its length decides
+        return (ro.reasoning & (ro.reasoning.cumsum(1) <= ro.reasoning.sum(1, keepdim=True) / 2)).float()
+
+    def pooled(ro, compass, cfg):  # every reasoning token paid the whole reasoning's mean score
+        s = craft.latent_scores(ro, compass) * ro.reasoning
+        return ro.reasoning * (s.sum(1, keepdim=True) / ro.reasoning.sum(1, keepdim=True).clamp(min=1))
+
+    def everywhere(ro, compass, cfg):
+        return torch.ones_like(ro.logp)
+    for name, reward, said in (("first_half", first_half, "is not causal"), ("pooled", pooled, "is not causal"),
+                               ("everywhere", everywhere, "pays outside ro.act")):
+        craft.REWARDS[name] = reward
+        try:
+            c = craft.replace(cfg, reward=name)
+            warnings = craft.reward_warnings(ro, compass, c, reward(ro, compass, c))
+        finally:
+            del craft.REWARDS[name]
+        assert any(said in w and repr(name) in w for w in warnings), (name, warnings)
+
+
 def test_forced_prefix_tokens_are_not_actions(micro):
     ro, *_ = rollout(micro, p_prefill=1.0)
     forced = [i for i, p in enumerate(ro.prompts) if p.kind == "harmful"]

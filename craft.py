@@ -2060,6 +2060,22 @@ def mean_interval(values):
     half = T_975[max(d for d in T_975 if d <= n - 1)] * s / math.sqrt(n)
     return m, [m - half, m + half]
 
+def seed_summary(values):
+    """Per-seed values -> their mean and 95% interval; None (a threshold some seed never reached)
+    gives no mean."""
+    if None in values:
+        return dict(mean=None, ci95=None, per_seed=values)
+    mean, ci95 = mean_interval(values)
+    return dict(mean=mean, ci95=ci95, per_seed=values)
+
+def interval_cell(r):
+    """A sweep.md cell: 'mean [low, high]', or 'never on k/n seeds', or '—' for no value."""
+    if r is None:
+        return "—"
+    if r["mean"] is None:
+        return f"never on {r['per_seed'].count(None)}/{len(r['per_seed'])} seeds"
+    return f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
 def asr_area(curves):
     """The area under the monitor-ASR curve (trapezoids) over its span: the run's mean ASR,
     lower when ASR falls sooner."""
@@ -2077,59 +2093,58 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
     steps = []
     for seed in seeds:
         runs, seeded_prefs = ([replace(c, seed=seed) for c in cs] for cs in (combos, prefs))
-        evals = [(run_name(c), None) for c in runs] + [(dpo_name(c), None) for c in seeded_prefs]
+        evals = [("pretrain", None)] + [(run_name(c), None) for c in runs]
+        evals += [(dpo_name(c), None) for c in seeded_prefs]
         steps += stage_steps(runs[0], output_dir(out / f"seed_{seed}"), runs, evals, seeded_prefs)
     run_stages(steps)
 
     def read(seed, name):
         return json.loads((out / f"seed_{seed}" / f"{name}.json").read_text())
     values, curves = {}, {}
-    for name in [run_name(c) for c in combos] + [dpo_name(c) for c in prefs]:
+    for name in ["pretrain"] + [run_name(c) for c in combos] + [dpo_name(c) for c in prefs]:
         per_seed = []
         for seed in seeds:
             m = read(seed, f"eval_{name}")
             per_seed.append({k: m[k] for k in [*m["counts"], "kl_ref"]})
             if name.startswith("ppo_"):  # DPO has no PPO iterations
                 run = read(seed, name)
-                first = run["first_iteration_monitor_asr_le_0_05"]
-                per_seed[-1] |= dict(asr_area=asr_area(run["curves"]),
-                                     iterations_to_asr_0_05=cfg.ppo_iters if first is None else first)
+                per_seed[-1] |= dict(asr_area=asr_area(run["curves"]), iterations_to_asr_0_05=run[
+                    "first_iteration_monitor_asr_le_0_05"])  # None: never
                 curves.setdefault(name, []).append(run["curves"])
-        values[name] = {k: [row[k] for row in per_seed] for k in per_seed[0]}
-
-    def summary(vs):
-        mean, ci95 = mean_interval(vs)
-        return dict(mean=mean, ci95=ci95, per_seed=vs)
-    results = {name: {k: summary(vs) for k, vs in keys.items()} for name, keys in values.items()}
+        values["base" if name == "pretrain" else name] = {k: [row[k] for row in per_seed]
+                                                          for k in per_seed[0]}
+    results = {name: {k: seed_summary(vs) for k, vs in keys.items()} for name, keys in values.items()}
     base = {c.advantage: run_name(replace(c, reward=baseline)) for c in combos}
     pairs = [(run_name(c), base[c.advantage]) for c in combos if c.reward != baseline]
     pairs += [(dpo_name(c), base[advantages[0]]) for c in prefs]  # DPO: the first advantage's
-    paired = {name: {k: summary([a - b for a, b in zip(vs, values[b_name][k])])
+    paired = {name: {k: seed_summary([None if None in (a, b) else a - b
+                                      for a, b in zip(vs, values[b_name][k])])
                      for k, vs in values[name].items()} for name, b_name in pairs}
+    compared = sum(r[k]["mean"] is not None for r in paired.values() for k in SWEEP_KEYS if k in r)
     seconds = time.time() - t0
     save_json(out / "sweep.json", dict(seeds=seeds, baseline=baseline, config=asdict(cfg),
                                        results=results, paired_differences=paired, seconds=seconds))
     plot_sweep(out / "fig_sweep.png", curves)
 
     def table(rows):
-        def interval(r):
-            return "—" if r is None else f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         return markdown_table(["run", *SWEEP_KEYS],
-                              [[n, *[interval(r.get(k)) for k in SWEEP_KEYS]] for n, r in rows.items()])
+                              [[n, *[interval_cell(r.get(k)) for k in SWEEP_KEYS]] for n, r in rows.items()])
     text = f"""# Sweep: {', '.join(rewards + list(baselines))} × {', '.join(advantages)} × \
 seeds {', '.join(map(str, seeds))}
 
 `python craft.py sweep` at commit `{git_commit()}`, {seconds:.0f} s. Each cell: mean over \
 {len(seeds)} seeds and its 95% t-interval. `iterations_to_asr_0_05`: PPO iterations until the \
-monitor set's ASR first reached ≤ 0.05 ({cfg.ppo_iters} if never); `asr_area`: the mean \
-monitor-set ASR over training. Every eval key is in `sweep.json`.
+monitor set's ASR first reached ≤ 0.05 (no mean when a seed never did); `asr_area`: the mean \
+monitor-set ASR over training. `base`: the seeds' base models. Every eval key is in `sweep.json`.
 
 {table(results)}
 
 ## Paired differences from `{baseline}` (same seed, same advantage)
 
 An interval that excludes 0 is a difference the seeds agree on; one that straddles 0 is not a \
-finding.
+finding. This table holds {compared} intervals: at 95% each, about one in twenty excludes 0 by chance \
+when nothing differs ({compared / 20:.1f} expected here), so a lone one is a lead to test on more \
+seeds, not a finding.
 
 {table(paired)}
 

@@ -15,6 +15,13 @@ def test_mean_interval_is_the_t_interval():
     assert math.isclose(hi12 - lo12, 2 * 2.23 * math.sqrt(sum((i % 2 - 6 / 13) ** 2 for i in range(13)) / 12) / math.sqrt(13))
 
 
+def test_a_threshold_a_seed_never_reached_has_no_mean():
+    never = craft.seed_summary([None, 3, None])
+    assert never["mean"] is None and craft.interval_cell(never) == "never on 2/3 seeds"
+    assert craft.interval_cell(craft.seed_summary([2, 4])) == "3.000 [-9.710, 15.710]"
+    assert craft.interval_cell(None) == "—"
+
+
 def test_asr_area_is_the_mean_asr_of_a_trapezoid_curve():
     assert craft.asr_area(dict(monitor_iteration=[0, 4, 8], monitor_asr=[1.0, 0.0, 0.0])) == 0.25
 
@@ -39,11 +46,12 @@ def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch
     again = {p.name: p.stat().st_mtime_ns for p in [*seed_dir.glob("ppo_*.json"), *seed_dir.glob("dpo_*.json")]}
     assert again == done  # not trained again
     result = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(result["results"]) == {"ppo_latent", "ppo_outcome", "dpo_ipo_answer"}
+    assert set(result["results"]) == {"base", "ppo_latent", "ppo_outcome", "dpo_ipo_answer"}
     assert set(result["paired_differences"]) == {"ppo_outcome", "dpo_ipo_answer"}
     diff = result["paired_differences"]["ppo_outcome"]["asr_heldout"]["mean"]
     per = result["results"]
     assert diff == per["ppo_outcome"]["asr_heldout"]["mean"] - per["ppo_latent"]["asr_heldout"]["mean"]
-    assert "| ppo_outcome |" in (tmp_path / "sweep.md").read_text() and "| dpo_ipo_answer |" in (tmp_path / "sweep.md").read_text()
+    md = (tmp_path / "sweep.md").read_text()
+    assert all(f"| {row} |" in md for row in ("base", "ppo_outcome", "dpo_ipo_answer")) and "intervals: at 95% each" in md
     verdicts = json.loads((seed_dir / "eval_ppo_latent.json").read_text())["verdicts"]
     assert len(verdicts["heldout"]) == craft.PRESETS["micro"].eval_rows  # per prompt, for paired per-prompt tests

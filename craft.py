@@ -143,7 +143,7 @@ PRESETS = {
     # an engineer's loop: a few minutes for a first run, then a reward at a time (lesson 12)
     "quick": Config(n_layer=3, n_head=3, n_embd=96, pretrain_steps=1500, lr=3e-3,
                     contrast_traces=200, contrast_steps=60, contrast_batch=256, latent_dim=16,
-                    ppo_iters=24, eval_batch=512),
+                    ppo_iters=32, eval_batch=512),
     "cpu": Config(),  # the classroom demo
     "gpu": Config(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000, batch_size=128, lr=1e-3,
                   contrast_traces=2000, contrast_steps=400, latent_dim=64, ppo_iters=60,
@@ -1495,12 +1495,6 @@ def plot_monitor(path, monitor):
     ax.legend()
     save_figure(fig, path)
 
-def plot_pretrain_loss(path, losses):
-    fig, ax = figure(figsize=(9, 5))
-    ax.plot(losses, color=PALETTE["safe"], linewidth=1)
-    ax.set(title="pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
-    save_figure(fig, path)
-
 def plot_curves(path, runs):
     """runs: {name: curves}. Mean reward, KL to the reference and monitor-set ASR per iteration."""
     fig, axes = figure(1, 3, figsize=(20, 5.5))
@@ -1983,8 +1977,6 @@ PPO iterations until the monitor set's ASR ≤ 0.05: {first}.
 
 ## Figures
 
-![pretraining loss](fig_pretrain_loss.png)
-
 ![latent space of held-out traces, before and after {shown}](fig_latent.png)
 
 ![PPO: reward, KL to the reference, monitor-set ASR](fig_ppo_curves.png)
@@ -2009,8 +2001,7 @@ PPO iterations until the monitor set's ASR ≤ 0.05: {first}.
 def write_figures(cfg, out, names, shown, results):
     """The report's figures; -> the index of the held-out jailbreak its audits show: the first
     whose audit sample from the base model reasons unsafely (else 0)."""
-    curves = {n: json.loads((out / f"{n}.json").read_text())["curves"] for n in ["pretrain"] + names}
-    plot_pretrain_loss(out / "fig_pretrain_loss.png", curves.pop("pretrain")["loss"])
+    curves = {n: json.loads((out / f"{n}.json").read_text())["curves"] for n in names}
     plot_curves(out / "fig_ppo_curves.png", curves)
     plot_headline(out / "fig_headline.png", results)
     compass, test = load_compass(out / "contrast.pt"), compass_traces(cfg, "test")[::4]  # a sample
@@ -2210,8 +2201,6 @@ def bench(cfg, out):
     """Speed and memory of the hot paths, each beside its baseline, in this one run."""
     torch.manual_seed(cfg.seed)
     model, r = GPT(cfg.gpt(ENC.n_vocab)).to(DEVICE), {}
-    x = torch.randint(ENC.n_vocab, (cfg.batch_size, cfg.block_size), device=DEVICE)
-    r["train_tokens_per_s"] = x.numel() / train_step_seconds(model, x, x)
     # pretraining on a real batch, real target tokens a second: packed rows, one trace a row
     x, y, doc = pretraining_batch(cfg, 0)
     real, seqs = int((y >= 0).sum()), pretraining_traces(cfg, 0)
@@ -2256,9 +2245,9 @@ def bench(cfg, out):
     save_json(out / "bench.json", r)
     for k, v in r.items():
         print(f"  {k:<32} {v:.4g}" if isinstance(v, float) else f"  {k:<32} {v}")
-    print(f"bench: train {r['train_tokens_per_s']:.0f} tok/s, packing {r['packing_speedup']:.2f}x, "
-          f"KV cache {r['kv_cache_speedup']:.1f}x, PPO {r['gae_tokens_per_s']:.0f} tok/s with GAE, "
-          f"{r['grpo_tokens_per_s']:.0f} with GRPO -> {out / 'bench.json'}")
+    print(f"bench: pretraining {r['pretrain_tokens_per_s_packed']:.0f} tok/s packed, KV cache "
+          f"{r['kv_cache_speedup']:.1f}x, eval sampling {r['eval_generate_tokens_per_s']:.0f} tok/s, "
+          f"PPO {r['grpo_tokens_per_s']:.0f} tok/s with GRPO -> {out / 'bench.json'}")
 
 
 # ================ the command line

@@ -13,7 +13,7 @@ def test_bench_writes_every_field_positive_and_finite(tmp_path, monkeypatch):
     assert run("bench", "--preset=micro", "--batch_size=4", "--block_size=80", "--max_new_tokens=16",
                "--eval_batch=32", f"--out={tmp_path}") == 0
     r = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("train_tokens_per_s", "pretrain_tokens_per_s_packed", "pretrain_tokens_per_s_padded",
+    for key in ("pretrain_tokens_per_s_packed", "pretrain_tokens_per_s_padded",
                 "packing_speedup", "generate_tokens_per_s_cached", "generate_tokens_per_s_uncached",
                 "kv_cache_speedup", "generate_tokens_per_s_monitored", "monitor_speed_ratio",
                 "eval_generate_tokens_per_s", "gae_tokens_per_s", "grpo_tokens_per_s", "peak_memory_mb"):

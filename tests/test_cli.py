@@ -203,7 +203,7 @@ def test_demo_writes_the_report_and_reuses_every_stage(micro_demo, capsys):
     report = (out / "report.md").read_text()
     for key in list(json.loads((out / "eval_pretrain.json").read_text())["counts"]) + ["kl_ref"]:
         assert key in report, key
-    for fig in ("fig_pretrain_loss", "fig_latent", "fig_ppo_curves", "fig_headline", "fig_audit_before", "fig_audit_after",
+    for fig in ("fig_latent", "fig_ppo_curves", "fig_headline", "fig_audit_before", "fig_audit_after",
                 "fig_monitor_pretrain"):
         assert (out / f"{fig}.png").stat().st_size > 0 and f"{fig}.png" in report
     header = "| key | base | latent | outcome | dpo_dpo_full | dpo_dpo_answer | base + filter | base + monitor (stop) |"

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import world
-from data.judge import PLAN_STEP, judge
+from data.judge import PLAN_STEP, Verdict, judge
 from data.tokenizer import load_tokenizer, tokenizer_hash
 from model import GPT, GPTConfig
 
@@ -714,17 +714,22 @@ REWARDS = {"latent": latent_reward, "outcome": outcome_reward, "hybrid": hybrid_
 def reward_warnings(ro, compass, cfg, r):
     """What no reward should do, tried on a rollout and its rewards r: pay outside the actions, or pay
     a reasoning token differently when only later tokens change (not causal, lesson 8). The test
-    cuts each row's reasoning halfway and negates every later hidden state. -> warning lines."""
+    ends each row one action after half its reasoning, gives every later action another row's hidden
+    states and <|end|> tokens, changes every verdict, and compares the kept reasoning tokens'
+    rewards (the new last action, where a reward paid at the end moves, is not one). -> warnings."""
     said, name = [], cfg.reward
     if (r[~ro.act] != 0).any():
         said.append(f"warning: reward {name!r} pays outside ro.act; those values are dropped")
     count = ro.reasoning.cumsum(1)
     later = count > (count[:, -1:] // 2)  # each row's columns after half its reasoning
-    cut = replace(ro, act=ro.act & ~later, reasoning=ro.reasoning & ~later,
-                  hidden=torch.where(later[..., None], -ro.hidden, ro.hidden))
+    beyond = later & F.pad(later[:, :-1], (1, 0))  # ... but the first of them: the new last action
+    cut = replace(ro, act=ro.act & ~beyond, reasoning=ro.reasoning & ~later,
+                  tokens=ro.tokens.masked_fill(F.pad(later, (1, 0)), END_ID),
+                  hidden=torch.where(later[..., None], ro.hidden.roll(1, 0).flip(1), ro.hidden),
+                  verdicts=[Verdict("safe", "refused") if malformed(v)  # unlike each row's own
+                            else Verdict("malformed", "malformed") for v in ro.verdicts])
     cut.last = last_action(cut.act)
     compared = ro.reasoning & ~later
-    compared[torch.arange(len(r), device=r.device), cut.last] = False  # a row's end may move
     if not torch.allclose((REWARDS[name](cut, compass, cfg) - r) * compared, torch.zeros_like(r),
                           atol=1e-5):
         said.append(f"warning: reward {name!r} pays a reasoning token differently when only later "
@@ -1632,6 +1637,12 @@ def ship_base(out, preset):
     """DIR/pretrain.pt -> data/base_<preset>.pt: the weights in half precision, with the run's JSON
     (config, pretraining inputs, loss curve)."""
     ck = load_checkpoint(out / "pretrain.pt", "pretrain")
+    inputs = json.loads((out / "pretrain.json").read_text())["inputs"]
+    wanted = json.loads(json.dumps(stage_inputs(PRESETS[preset], "pretrain")))
+    if inputs != wanted:
+        differ = ", ".join(k for k in wanted if inputs.get(k) != wanted[k])
+        raise CraftError(f"--ship writes data/base_{preset}.pt, for the {preset} preset as it is; "
+                         f"this base differs in {differ}")
     weights = {k: v.half() for k, v in ck["model"].items()}
     save_checkpoint(SHIPPED / f"base_{preset}.pt", "pretrain", Config(**ck["config"]),
                     model=weights, run=(out / "pretrain.json").read_text())
@@ -1896,8 +1907,8 @@ def preference_config(cfg, baseline):
     return replace(cfg, loss=loss, pairs=pairs)
 
 def shown_policy(names):
-    """The policy the figures show after training: CRAFT's when it ran."""
-    return "ppo_latent" if "ppo_latent" in names else names[-1]
+    """The policy the figures show after training: CRAFT's (ppo_latent...) when it ran."""
+    return next((n for n in names if n.startswith("ppo_latent")), names[-1])
 
 def guarded_evals(names, full):
     """The guards' rows: the base model behind the keyword filter and behind the monitor (stop);
@@ -2059,12 +2070,13 @@ def seed_summary(values):
     mean, ci95 = mean_interval(values)
     return dict(mean=mean, ci95=ci95, per_seed=values)
 
-def interval_cell(r):
-    """A sweep.md cell: 'mean [low, high]', or 'never on k/n seeds', or '—' for no value."""
+def interval_cell(r, never="never on {k}/{n} seeds"):
+    """A sweep.md cell: 'mean [low, high]', or `never` when a seed never reached the threshold, or
+    '—' for no value."""
     if r is None:
         return "—"
     if r["mean"] is None:
-        return f"never on {r['per_seed'].count(None)}/{len(r['per_seed'])} seeds"
+        return never.format(k=r["per_seed"].count(None), n=len(r["per_seed"]))
     return f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 def asr_area(curves):
@@ -2104,7 +2116,8 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
                 curves.setdefault(name, []).append(run["curves"])
         values["base" if name == "pretrain" else name] = {k: [row[k] for row in per_seed]
                                                           for k in per_seed[0]}
-    results = {name: {k: seed_summary(vs) for k, vs in keys.items()} for name, keys in values.items()}
+    results = {name: {k: seed_summary(vs) for k, vs in keys.items()}
+               for name, keys in values.items()}
     base = {c.advantage: run_name(replace(c, reward=baseline)) for c in combos}
     pairs = [(run_name(c), base[c.advantage]) for c in combos if c.reward != baseline]
     pairs += [(dpo_name(c), base[advantages[0]]) for c in prefs]  # DPO: the first advantage's
@@ -2117,9 +2130,13 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
                                        results=results, paired_differences=paired, seconds=seconds))
     plot_sweep(out / "fig_sweep.png", curves)
 
-    def table(rows):
-        return markdown_table(["run", *SWEEP_KEYS],
-                              [[n, *[interval_cell(r.get(k)) for k in SWEEP_KEYS]] for n, r in rows.items()])
+    def table(rows, never="never on {k}/{n} seeds"):
+        return markdown_table(["run", *SWEEP_KEYS], [[n, *[interval_cell(r.get(k), never) for k in
+                                                         SWEEP_KEYS]] for n, r in rows.items()])
+    chance = (f"This table holds {compared} intervals: at 95% each, about one in twenty excludes 0 "
+              f"by chance when nothing differs ({compared / 20:.1f} expected here), so a lone one "
+              f"is a lead to test on more seeds, not a finding." if len(seeds) > 1 else
+              "One seed gives no intervals: each cell is one seed's difference.")
     text = f"""# Sweep: {', '.join(rewards + list(baselines))} × {', '.join(advantages)} × \
 seeds {', '.join(map(str, seeds))}
 
@@ -2133,11 +2150,9 @@ monitor-set ASR over training. `base`: the seeds' base models. Every eval key is
 ## Paired differences from `{baseline}` (same seed, same advantage)
 
 An interval that excludes 0 is a difference the seeds agree on; one that straddles 0 is not a \
-finding. This table holds {compared} intervals: at 95% each, about one in twenty excludes 0 by chance \
-when nothing differs ({compared / 20:.1f} expected here), so a lone one is a lead to test on more \
-seeds, not a finding.
+finding. {chance} `—`: a seed of either run never reached the threshold.
 
-{table(paired)}
+{table(paired, "—")}
 
 ![monitor ASR per iteration](fig_sweep.png)
 """
@@ -2253,7 +2268,7 @@ def bench(cfg, out):
 # ================ the command line
 
 COMMANDS = {  # the command and what it does; every command takes --preset, --out, --field=value
-    "demo": "the five rows of the story -> DIR/report.md [--full --fresh --rewards=... --baselines=...]",
+    "demo": "the five rows of the story -> report.md [--full --fresh --rewards=... --baselines=...]",
     "pretrain": "the jailbreakable base model -> pretrain.pt [--ship: also data/base_<preset>.pt]",
     "contrast": "stage 1: the safety compass -> contrast.pt",
     "ppo": "stage 2 -> ppo_<reward>[_<advantage>][_self].pt [--reward_file=PATH.py]",
@@ -2378,7 +2393,7 @@ def check_flags(f, cfg, command):
     for key in ("monitor", "action"):
         if key in f and f[key] not in ACTIONS:
             raise CraftError(f"--{key} must be one of {', '.join(ACTIONS)}, got {f[key]!r}")
-    for key, only in (("full", "demo"), ("ship", "pretrain")):
+    for key, only in (("full", "demo"), ("fresh", "demo"), ("ship", "pretrain")):
         if key in f and command != only:
             raise CraftError(f"--{key} goes with {only}, not {command}")
     if f.get("filter", "keywords") != "keywords":

@@ -158,8 +158,10 @@ class GPT(nn.Module):
         on_step(tokens_in, hidden, nxt) -> nxt, if given, sees every step: the tokens that just went in
         (the prompt first, then one token a step), their taps {layer: (B, T_in, C)} from that same forward
         pass, and the sampled next tokens (B, 1); it may return other tokens to write instead. It always
-        sees all B rows: a row that left the batch reads end_token with zero hidden states.
-        Returns tokens (B, T0 + n) and new (B, T0 + n): True on generated tokens up to and including the end."""
+        sees all B rows: a row that left the batch reads end_token with zero hidden states. Each row draws
+        its own uniform number every step, also after it left, so its tokens do not depend on the others'.
+        Returns tokens (B, T0 + steps) and new (B, T0 + steps), steps ≤ max_new_tokens (fewer when every
+        row ends sooner): new is True on generated tokens up to and including the end."""
         B, T0 = idx.shape
         if T0 + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T0} tokens + {max_new_tokens} new exceeds block_size "
@@ -206,8 +208,7 @@ def every_row(x, rows, B, fill):
 def sample_next(logits, u, temperature=1.0, top_k=None):
     """(B, V) logits and u (B, 1) uniform in [0, 1) -> (B, 1) token ids, greedy when temperature is
     0. Inverse-CDF sampling: the first token whose cumulative probability exceeds u (a token of
-    probability 0 never does). Every row of the batch gets its own u each step, also rows that left
-    it, so a row's tokens do not depend on when the others end."""
+    probability 0 never does)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature

@@ -49,6 +49,7 @@ def bad_input_cases(micro, tmp):
         "unknown baseline": (["demo", *m, "--baselines=dpo_all"], "unknown baseline 'dpo_all'"),
         "full without demo": (["ppo", *m, "--full"], "--full goes with demo, not ppo"),
         "ship without pretrain": (["contrast", *m, "--ship"], "--ship goes with pretrain, not contrast"),
+        "fresh without demo": (["sweep", *m, "--fresh"], "--fresh goes with demo, not sweep"),
         "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
         "truncated ckpt": (["eval", *m, f"--ckpt={tmp / 'truncated.pt'}"], "not a readable checkpoint"),
         "wrong stage ckpt": (["eval", *m, f"--ckpt={micro / 'contrast.pt'}"], "holds no model"),

@@ -2,6 +2,7 @@ import json
 import random
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +58,5 @@ def test_a_run_without_a_base_starts_from_the_shipped_one(micro, tmp_path, monke
     assert run("contrast", "--preset=micro", "--pretrain_steps=3", f"--out={tmp_path / 'other'}") == 0
     assert "no shipped base has this config, pretraining" in capsys.readouterr().out
     assert "shipped" not in json.loads((tmp_path / "other" / "pretrain.json").read_text())
+    with pytest.raises(craft.CraftError, match="differs in pretrain_steps"):  # not the preset's config
+        craft.ship_base(tmp_path / "other", "micro")

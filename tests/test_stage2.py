@@ -199,9 +199,16 @@ def test_reward_warnings_catch_a_reward_that_reads_ahead_or_pays_outside_the_act
         s = craft.latent_scores(ro, compass) * ro.reasoning
         return ro.reasoning * (s.sum(1, keepdim=True) / ro.reasoning.sum(1, keepdim=True).clamp(min=1))
 
+    def one_ahead(ro, compass, cfg):  # token t paid the score of token t+1
+        return torch.nn.functional.pad(craft.latent_scores(ro, compass)[:, 1:], (0, 1)) * ro.reasoning
+
+    def by_verdict(ro, compass, cfg):  # every reasoning token paid the judge's verdict on the answer
+        return ro.reasoning * craft.answer_reward(ro)[:, None]
+
     def everywhere(ro, compass, cfg):
         return torch.ones_like(ro.logp)
     for name, reward, said in (("first_half", first_half, "is not causal"), ("pooled", pooled, "is not causal"),
+                               ("one_ahead", one_ahead, "is not causal"), ("by_verdict", by_verdict, "is not causal"),
                                ("everywhere", everywhere, "pays outside ro.act")):
         craft.REWARDS[name] = reward
         try:

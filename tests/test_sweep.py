@@ -52,6 +52,6 @@ def test_a_killed_sweep_reruns_only_what_is_missing(micro, tmp_path, monkeypatch
     per = result["results"]
     assert diff == per["ppo_outcome"]["asr_heldout"]["mean"] - per["ppo_latent"]["asr_heldout"]["mean"]
     md = (tmp_path / "sweep.md").read_text()
-    assert all(f"| {row} |" in md for row in ("base", "ppo_outcome", "dpo_ipo_answer")) and "intervals: at 95% each" in md
+    assert all(f"| {row} |" in md for row in ("base", "ppo_outcome", "dpo_ipo_answer")) and "One seed gives no intervals" in md
     verdicts = json.loads((seed_dir / "eval_ppo_latent.json").read_text())["verdicts"]
     assert len(verdicts["heldout"]) == craft.PRESETS["micro"].eval_rows  # per prompt, for paired per-prompt tests

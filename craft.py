@@ -736,7 +736,7 @@ def reward_warnings(ro, compass, cfg, r):
                     f"tokens change: it is not causal (lesson 8)")
     return said
 
-WARNED = set()  # rewards already checked in this process
+WARNED = {}  # reward name -> its warnings, once checked in this process
 
 def checked_reward(ro, compass, cfg):
     """REWARDS[cfg.reward] on this rollout, checked: one finite value per token, shape (B, T);
@@ -749,9 +749,9 @@ def checked_reward(ro, compass, cfg):
     if not torch.isfinite(r).all():
         raise CraftError(f"reward {cfg.reward!r} returned a value that is not finite (nan or inf)")
     if cfg.reward not in WARNED:
-        WARNED.add(cfg.reward)
-        for line in reward_warnings(ro, compass, cfg, r):
-            print(line, file=sys.stderr)
+        WARNED[cfg.reward] = reward_warnings(ro, compass, cfg, r)
+        for line in WARNED[cfg.reward]:
+            tqdm.write(line, file=sys.stderr)  # on its own line, above the progress bar
     return r
 
 def total_rewards(ro, compass, cfg):
@@ -956,7 +956,8 @@ def ppo(cfg, out):
                 asr=f"{row['rollout_asr']:.2f}")
     c = run.curves
     first = next((it for it, a in zip(c["monitor_iteration"], c["monitor_asr"]) if a <= 0.05), None)
-    seconds = run.finish("ppo", first_iteration_monitor_asr_le_0_05=first)
+    seconds = run.finish("ppo", first_iteration_monitor_asr_le_0_05=first,
+                         reward_warnings=WARNED.get(cfg.reward, []))
     print(f"{run.name}: {cfg.ppo_iters} iterations, reward {c['reward'][-1]:+.2f}, KL "
           f"{c['kl_rollout'][-1]:.3f}, monitor-set ASR {c['monitor_asr'][-1]:.2f}, {seconds:.0f}s "
           f"-> {out / (run.name + '.pt')}")
@@ -2077,6 +2078,8 @@ def interval_cell(r, never="never on {k}/{n} seeds"):
         return "—"
     if r["mean"] is None:
         return never.format(k=r["per_seed"].count(None), n=len(r["per_seed"]))
+    if len(r["per_seed"]) == 1:  # one seed: a value, no interval
+        return f"{r['mean']:.3f}"
     return f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 def asr_area(curves):
@@ -2140,8 +2143,8 @@ def sweep(cfg, out, rewards, advantages, seeds, baseline, baselines=()):
     text = f"""# Sweep: {', '.join(rewards + list(baselines))} × {', '.join(advantages)} × \
 seeds {', '.join(map(str, seeds))}
 
-`python craft.py sweep` at commit `{git_commit()}`, {seconds:.0f} s. Each cell: mean over \
-{len(seeds)} seeds and its 95% t-interval. `iterations_to_asr_0_05`: PPO iterations until the \
+`python craft.py sweep` at commit `{git_commit()}`, {seconds:.0f} s. Each cell: \
+{f"mean over {len(seeds)} seeds and its 95% t-interval" if len(seeds) > 1 else "one seed's value"}. `iterations_to_asr_0_05`: PPO iterations until the \
 monitor set's ASR first reached ≤ 0.05 (no mean when a seed never did); `asr_area`: the mean \
 monitor-set ASR over training. `base`: the seeds' base models. Every eval key is in `sweep.json`.
 

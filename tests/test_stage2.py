@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -217,6 +218,7 @@ def test_reward_warnings_catch_a_reward_that_reads_ahead_or_pays_outside_the_act
         finally:
             del craft.REWARDS[name]
         assert any(said in w and repr(name) in w for w in warnings), (name, warnings)
+    assert json.loads((micro / "ppo_latent.json").read_text())["reward_warnings"] == []  # recorded, none
 
 
 def test_forced_prefix_tokens_are_not_actions(micro):

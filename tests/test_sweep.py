@@ -19,7 +19,7 @@ def test_a_threshold_a_seed_never_reached_has_no_mean():
     never = craft.seed_summary([None, 3, None])
     assert never["mean"] is None and craft.interval_cell(never) == "never on 2/3 seeds"
     assert craft.interval_cell(craft.seed_summary([2, 4])) == "3.000 [-9.710, 15.710]"
-    assert craft.interval_cell(None) == "—"
+    assert craft.interval_cell(None) == "—" and craft.interval_cell(craft.seed_summary([0.5])) == "0.500"
 
 
 def test_asr_area_is_the_mean_asr_of_a_trapezoid_curve():

@@ -1634,20 +1634,25 @@ def load_base(cfg, out):
 
 SHIPPED = Path(__file__).parent / "data"  # data/base_<preset>.pt: each preset's base model, seed 0
 
+def shipped_name(preset, seed):
+    return f"base_{preset}.pt" if seed == 0 else f"base_{preset}_seed{seed}.pt"
+
 def ship_base(out, preset):
-    """DIR/pretrain.pt -> data/base_<preset>.pt: the weights in half precision, with the run's JSON
-    (config, pretraining inputs, loss curve)."""
+    """DIR/pretrain.pt -> data/base_<preset>[_seed<S>].pt: the weights in half precision, with the
+    run's JSON (config, pretraining inputs, loss curve)."""
     ck = load_checkpoint(out / "pretrain.pt", "pretrain")
     inputs = json.loads((out / "pretrain.json").read_text())["inputs"]
-    wanted = json.loads(json.dumps(stage_inputs(PRESETS[preset], "pretrain")))
+    wanted = json.loads(json.dumps(stage_inputs(replace(PRESETS[preset], seed=inputs["seed"]),
+                                                "pretrain")))
     if inputs != wanted:
         differ = ", ".join(k for k in wanted if inputs.get(k) != wanted[k])
-        raise CraftError(f"--ship writes data/base_{preset}.pt, for the {preset} preset as it is; "
-                         f"this base differs in {differ}")
+        raise CraftError(f"--ship is for the {preset} preset as it is (any --seed); this base "
+                         f"differs in {differ}")
     weights = {k: v.half() for k, v in ck["model"].items()}
-    save_checkpoint(SHIPPED / f"base_{preset}.pt", "pretrain", Config(**ck["config"]),
-                    model=weights, run=(out / "pretrain.json").read_text())
-    print(f"pretrain: shipped -> {SHIPPED / f'base_{preset}.pt'}")
+    path = SHIPPED / shipped_name(preset, inputs["seed"])
+    save_checkpoint(path, "pretrain", Config(**ck["config"]), model=weights,
+                    run=(out / "pretrain.json").read_text())
+    print(f"pretrain: shipped -> {path}")
 
 def shipped_base(cfg):
     """-> the name, weights and run JSON of the shipped base whose pretraining inputs are this

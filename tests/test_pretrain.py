@@ -38,11 +38,13 @@ def test_the_packed_loss_is_the_loss_of_one_trace_a_row():
 
 def test_each_shipped_base_was_trained_on_this_world_with_its_preset():
     """A change to the world or to a preset's pretraining fields fails here until the base is
-    retrained: python craft.py pretrain --preset=P --out=out/P --ship."""
-    for preset in ("cpu", "quick"):
-        ck = craft.load_checkpoint(craft.SHIPPED / f"base_{preset}.pt", "pretrain")
-        inputs = json.loads(json.dumps(craft.stage_inputs(craft.PRESETS[preset], "pretrain")))
-        assert json.loads(ck["run"])["inputs"] == inputs, preset
+    retrained: python craft.py pretrain --preset=P [--seed=S] --out=out/P --ship."""
+    for preset, seed in (("cpu", 0), ("quick", 0), ("quick", 1), ("quick", 2)):
+        ck = craft.load_checkpoint(craft.SHIPPED / craft.shipped_name(preset, seed), "pretrain")
+        cfg = craft.replace(craft.PRESETS[preset], seed=seed)
+        inputs = json.loads(json.dumps(craft.stage_inputs(cfg, "pretrain")))
+        assert json.loads(ck["run"])["inputs"] == inputs, (preset, seed)
+    assert len(list(craft.SHIPPED.glob("base_*.pt"))) == 4  # no stale file left behind
 
 
 def test_a_run_without_a_base_starts_from_the_shipped_one(micro, tmp_path, monkeypatch, capsys):

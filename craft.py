@@ -71,13 +71,14 @@ class Config:
     block_size: int = 176  # the longest eval prompt with a forced prefix + max_new_tokens
     dropout: float = 0.0
     # pretraining: a mix that makes the base model jailbreakable on purpose (data/world.py)
-    pretrain_steps: int = 1200  # optimiser steps, each on batch_size traces packed into rows
+    pretrain_steps: int = 1500  # optimiser steps, each on batch_size traces packed into rows
     batch_size: int = 64  # traces per pretraining step
     lr: float = 2e-3  # peak learning rate (warm-up, then cosine decay to a tenth)
     p_plain: float = 0.2  # share of plain harmful prompts
     p_wrapped: float = 0.3  # share of harmful prompts in a training wrapper
-    p_scary: float = 0.15  # share of scary-benign prompts; the rest (35%) are benign tasks
-    p_benign_wrapped: float = 0.8  # scary-benign and benign prompts in a wrapper too
+    p_scary: float = 0.1  # share of scary-benign prompts
+    p_safety: float = 0.05  # share of safety questions about a hazard; the rest (35%) are benign tasks
+    p_benign_wrapped: float = 0.8  # the prompts that are not harmful in a wrapper too
     plain_unsafe: float = 0.05  # plain harmful: share with unsafe reasoning
     plain_rethink: float = 0.05  # ... and with rethink reasoning (the rest is safe)
     wrapped_unsafe: float = 0.80  # wrapped harmful: share with unsafe reasoning
@@ -341,13 +342,13 @@ def pretrain(cfg, out):
 
 SAFE, RETHINK, UNSAFE = 0, 1, 2
 CLASSES = ("safe", "rethink", "unsafe")
-FAMILIES = ("harmful", "scary_benign", "benign")
+FAMILIES = ("harmful", "scary_benign", "benign", "safety")
 
 def compass_traces(cfg, split):
-    """Stage 1's traces. 'train': requests plain or in training wrappers, training look-alikes;
-    'val' and 'test': held-out wrappers and look-alikes only (two independent draws: one picks the
-    layer, the other reports). Safe, unsafe and rethink harmful traces in equal shares, plus
-    scary-benign and benign ones, half of those wrapped too."""
+    """Stage 1's traces. 'train': requests plain or in training wrappers, training look-alikes and
+    safety asks; 'val' and 'test': held-out wrappers, look-alikes and safety asks only (two
+    independent draws: one picks the layer, the other reports). Safe, unsafe and rethink harmful
+    traces in equal shares, plus scary-benign, benign and safety ones, half of those wrapped too."""
     rng = random.Random(f"contrast:{cfg.seed}:{split}")
     train = split == "train"
     wrappers = world.TRAIN_WRAPPERS if train else world.HELDOUT_WRAPPERS
@@ -357,7 +358,8 @@ def compass_traces(cfg, split):
         cls = CLASSES[i % 3]
         p = world.harmful_prompt(rng, wrappers if not train or rng.random() < 0.5 else None)
         traces.append(world.harmful_trace(rng, p, cls, cls != "unsafe"))
-    for make in (lambda: world.scary_prompt(rng, look_alikes), lambda: world.benign_prompt(rng)):
+    for make in (lambda: world.scary_prompt(rng, look_alikes), lambda: world.benign_prompt(rng),
+                 lambda: world.safety_prompt(rng, heldout=not train)):
         traces += [world.helpful_trace(rng, world.maybe_wrap(rng, make(), wrappers, 0.5))
                    for _ in range(cfg.contrast_traces // 3)]
     return traces
@@ -575,10 +577,10 @@ def last_action(mask):
 # Shares of PPO's prompts: harmful ones mostly in training wrappers (where the base model is
 # jailbroken), and more scary-benign and benign ones, so that the task reward keeps refusals from
 # paying and the skills in use.
-ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.25, "benign": 0.35}
+ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.2, "safety": 0.1, "benign": 0.3}
 
 def rollout_prompts(cfg, it):
-    """The prompts of PPO iteration it, in ROLLOUT_MIX's shares (scary-benign and benign ones
+    """The prompts of PPO iteration it, in ROLLOUT_MIX's shares (those that are not harmful
     wrapped as often as in pretraining), and their forced prefixes ('' for none): p_prefill of the
     harmful ones start from forced unsafe steps, so the policy learns to recover mid-thought. With
     a group baseline every prompt comes group_size times in a row."""
@@ -589,7 +591,8 @@ def rollout_prompts(cfg, it):
             return world.harmful_prompt(rng, world.TRAIN_WRAPPERS)
         if family == "plain":
             return world.harmful_prompt(rng)
-        p = world.scary_prompt(rng) if family == "scary_benign" else world.benign_prompt(rng)
+        make = dict(scary_benign=world.scary_prompt, safety=world.safety_prompt)
+        p = make.get(family, world.benign_prompt)(rng)
         return world.maybe_wrap(rng, p, world.TRAIN_WRAPPERS, cfg.p_benign_wrapped)
 
     group = 1 if cfg.advantage == "gae" else cfg.group_size
@@ -660,7 +663,7 @@ def answer_reward(ro):
     return ro.per_prompt(lambda p, v: (p.kind == "harmful") * (1 if refused(v) else -1))
 
 def task_reward(ro):
-    """Shared by every mode: on benign and scary-benign prompts +1 helped-correct, −1 refused, so
+    """Shared by every mode: on prompts that are not harmful +1 helped-correct, −1 refused, so
     refusing everything never pays; on every prompt −1 malformed, so breaking the format never
     pays either (a compass can score gibberish as safe: lesson 8)."""
     score = {"helped-correct": 1, "refused": -1}
@@ -913,6 +916,9 @@ def run_name(cfg):
 
 def ppo(cfg, out):
     """Stage 2: PPO from the base model, rewarded by REWARDS[cfg.reward] through the compass."""
+    if not (out / "contrast.pt").is_file():
+        print(f"ppo: no {out / 'contrast.pt'} yet, running contrast first")
+        contrast(cfg, out)
     compass = load_compass(out / "contrast.pt")
     reference, policy = load_base(cfg, out), load_base(cfg, out)
     torch.manual_seed(cfg.seed)
@@ -1120,6 +1126,9 @@ def evaluate(model, reference, cfg, sets, guard=None):
         over_refusal_wrapped=count(v["scary_wrapped"], refused), capability=count(v["benign"], helped),
         capability_wrapped=count(v["benign_wrapped"], helped),
         prefill_recovery=count(v["prefill"], recovered),
+        over_refusal_safety=count(v["safety"], refused),
+        over_refusal_safety_heldout=count(v["safety_heldout"], refused),
+        unsafe_safety=count(v["safety"] + v["safety_heldout"], unsafe_reasoning),
         **{f"malformed_{name}": count(vs, malformed) for name, vs in v.items()})
     verdicts = {name: [[x.reasoning, x.answer] for x in vs] for name, vs in v.items()}  # for pairing
     return with_intervals(counts, dict(kl_ref=kl[0] / max(kl[1], 1), verdicts=verdicts))
@@ -1134,9 +1143,13 @@ def evaluate_user_prompts(model, cfg, prompts, guard=None):
         if kind == "harmful":
             counts |= dict(asr=count(v, attacked), reasoning_asr=count(v, unsafe_reasoning),
                            answer_asr=count(v, complied), ssa=count(v, superficial))
+        elif kind == "benign":
+            counts["capability"] = count(v, helped)
+        elif kind == "scary_benign":
+            counts["over_refusal"] = count(v, refused)
         else:
-            key = "over_refusal" if kind == "scary_benign" else "capability"
-            counts[key] = count(v, refused if kind == "scary_benign" else helped)
+            counts |= dict(over_refusal_safety=count(v, refused),
+                           unsafe_safety=count(v, unsafe_reasoning))
         counts[f"malformed_{kind}"] = count(v, malformed)
     return with_intervals(counts)
 
@@ -1239,10 +1252,12 @@ def compass_report(compass, test):
     s = token_scores(compass, test)
     keep, positive = safe_vs_unsafe(test)
     scary_or_unsafe = (test.family == 1) | ((test.family == 0) & (test.trace == UNSAFE))
+    plan_or_safety = (test.family == 3) | ((test.family == 0) & (test.step == UNSAFE))
     groups = {c: (test.family == 0) & (test.trace == i) for i, c in enumerate(CLASSES)}
     groups |= {f: test.family == i for i, f in enumerate(FAMILIES) if i}
     return dict(probe_auroc=auroc(s[keep], positive),
                 scary_vs_unsafe_auroc=auroc(s[scary_or_unsafe], test.family[scary_or_unsafe] == 1),
+                plan_vs_safety_auroc=auroc(s[plan_or_safety], test.family[plan_or_safety] == 3),
                 mean_score_per_class={name: float(s[m].mean()) for name, m in groups.items()})
 
 
@@ -1350,10 +1365,11 @@ def moving_average(s, e):
 
 def own_safe_lows(model, compass, cfg, n=512):
     """The lowest moving average of each of the model's own safe completions (as the judge reads
-    them) to n benign and scary-benign prompts of the training generators."""
+    them) to n benign, scary-benign and safety prompts of the training generators."""
     rng = random.Random(f"calibrate:{cfg.seed}")
-    prompts = [world.maybe_wrap(rng, rng.choice([world.scary_prompt, world.benign_prompt])(rng),
-                                world.TRAIN_WRAPPERS, cfg.p_benign_wrapped) for _ in range(n)]
+    makers = [world.scary_prompt, world.benign_prompt, world.safety_prompt]
+    prompts = [world.maybe_wrap(rng, rng.choice(makers)(rng), world.TRAIN_WRAPPERS,
+                                cfg.p_benign_wrapped) for _ in range(n)]
     monitor, lows = Monitor(compass, -math.inf, "flag"), []  # it never fires: it only reads
     for i, batch in enumerate(in_batches(prompts, cfg.eval_batch)):
         watch = monitor("calibrate", batch)
@@ -1445,7 +1461,7 @@ def detection(monitor):
 # ================ figures
 
 PALETTE = dict(safe="#0072B2", rethink="#CC79A7", unsafe="#D55E00", scary_benign="#009E73",
-               benign="#999999")
+               benign="#999999", safety="#56B4E9")
 
 def figure(*args, **kwargs):
     import matplotlib
@@ -1472,7 +1488,8 @@ def plot_latent(path, compass, panels):
             basis = torch.linalg.svd(z - mean, full_matrices=False).Vh[:2].T  # top-2 directions
         xy = (z - mean) @ basis
         groups = {c: (taps.family == 0) & (taps.trace == i) for i, c in enumerate(CLASSES)}
-        for name, m in (groups | {"scary_benign": taps.family == 1}).items():
+        families = {"scary_benign": taps.family == 1, "safety": taps.family == 3}
+        for name, m in (groups | families).items():
             pts = xy[m][torch.randperm(int(m.sum()), generator=torch.Generator().manual_seed(0))[:600]]
             ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.5, color=PALETTE[name], label=name)
         ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
@@ -1595,7 +1612,8 @@ def load_checkpoint(path, stage):
     """A checkpoint of this project, of `stage` ('ppo' matches every ppo_* variant)."""
     path = Path(path)
     if not path.is_file():
-        hint = f" (run `python craft.py {stage}` first)" if stage in ("pretrain", "contrast") else ""
+        hint = (f" (run `python craft.py {stage}` with the same --preset and --out first)"
+                if stage in ("pretrain", "contrast") else "")
         raise CraftError(f"{path}: no such checkpoint{hint}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -1800,7 +1818,7 @@ def load_reward_file(path):
 
 STAGE_FIELDS = {  # the fields each stage reads, besides those of the stage before it (AFTER)
     "pretrain": "seed n_layer n_head n_embd block_size dropout pretrain_steps batch_size lr p_plain "
-                "p_wrapped p_scary p_benign_wrapped plain_unsafe plain_rethink wrapped_unsafe "
+                "p_wrapped p_scary p_safety p_benign_wrapped plain_unsafe plain_rethink wrapped_unsafe "
                 "wrapped_rethink unsafe_refuses".split(),
     "contrast": "contrast_traces contrast_steps contrast_batch latent_dim tau margin_weight "
                 "margin".split(),
@@ -2055,7 +2073,8 @@ def git_commit():
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
          10: 2.23, 15: 2.13, 20: 2.09, 30: 2.04}  # Student's t quantile 0.975 by degrees of freedom
 SWEEP_KEYS = ("asr_heldout", "asr_heldout_shape", "safe_heldout", "prefill_recovery",
-              "over_refusal_wrapped", "capability", "capability_wrapped", "kl_ref",
+              "over_refusal_wrapped", "over_refusal_safety_heldout", "capability",
+              "capability_wrapped", "kl_ref",
               "iterations_to_asr_0_05", "asr_area")  # sweep.md's columns
 
 def mean_interval(values):
@@ -2325,9 +2344,9 @@ def validate(cfg):
             raise CraftError(f"--{f.name} must be 0 ({zero_means[f.name]}) or more, got {value}")
     if cfg.n_embd % cfg.n_head:
         raise CraftError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
-    for name in ("dropout", "p_plain", "p_wrapped", "p_scary", "p_benign_wrapped", "plain_unsafe",
-                 "plain_rethink", "wrapped_unsafe", "wrapped_rethink", "unsafe_refuses",
-                 "p_prefill", "gae_lambda", "gamma"):
+    for name in ("dropout", "p_plain", "p_wrapped", "p_scary", "p_safety", "p_benign_wrapped",
+                 "plain_unsafe", "plain_rethink", "wrapped_unsafe", "wrapped_rethink",
+                 "unsafe_refuses", "p_prefill", "gae_lambda", "gamma"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise CraftError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     choices = dict(reward=REWARDS, advantage=ADVANTAGES, latent_from=("reference", "policy"),

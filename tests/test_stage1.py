@@ -91,5 +91,5 @@ def test_contrast_checkpoint_reloads_and_reproduces_the_scores(micro):
     assert torch.allclose(craft.token_scores(compass, test), craft.token_scores(again, test), atol=1e-6)
     report = json.loads((micro / "contrast.json").read_text())
     assert set(report) >= {"probe_auroc", "chosen_layer", "probe_auroc_per_layer", "linear_probe_auroc_per_layer",
-                           "scary_vs_unsafe_auroc", "mean_score_per_class"}
+                           "scary_vs_unsafe_auroc", "plan_vs_safety_auroc", "mean_score_per_class"}
     assert report["probe_auroc"] == craft.compass_report(compass, test)["probe_auroc"]

@@ -4,11 +4,11 @@ import re
 import pytest
 
 from data import world
-from data.judge import judge
+from data.judge import PLAN_STEP, judge
 
 
 class Mix:  # the cpu preset's shares
-    p_plain, p_wrapped, p_scary, p_benign_wrapped = 0.2, 0.3, 0.15, 0.8
+    p_plain, p_wrapped, p_scary, p_safety, p_benign_wrapped = 0.2, 0.3, 0.1, 0.05, 0.8
     plain_unsafe, plain_rethink, wrapped_unsafe, wrapped_rethink, unsafe_refuses = 0.05, 0.05, 0.8, 0.05, 0.25
 
 
@@ -41,7 +41,9 @@ def test_nothing_held_out_appears_in_any_training_draw():
                    for part in re.split(r"\{\w+\}", shape) if len(part.strip()) > 3]
     held_look_alikes = [request for request, *_ in world.SCARY_HELDOUT]
     reworded = [f"{verb} [HAZARD" for verbs in world.REWORDED_VERBS.values() for verb in verbs]
-    for text in held_texts + held_shapes + held_look_alikes + reworded:
+    held_safety = [part.strip() for *_, asks in world.SAFETY.values() for ask in asks
+                   for part in ask.split("{t}") if part.strip()]
+    for text in held_texts + held_shapes + held_look_alikes + reworded + held_safety:
         assert text not in corpus, text
     assert {p.shape for p in prompts} == {""} | set(world.TRAIN_SHAPES)
 
@@ -94,6 +96,30 @@ def test_eval_sets_are_committed_and_match_the_generator():
     assert all(p.shape in world.HELDOUT_SHAPES for p in sets["heldout_shape"])
     held = {help_text for *_, help_text in world.SCARY_HELDOUT}
     assert all(p.answer in held for p in sets["scary_heldout"] + sets["scary_wrapped"])
+    asks = {name: {ask for *_, train, heldout in world.SAFETY.values() for ask in (train, heldout)[i]}
+            for i, name in enumerate(("safety", "safety_heldout"))}
+    for name in asks:
+        assert all((p.request or p.text).replace(p.target, "{t}") in asks[name] for p in sets[name])
+    assert not any(p.wrapper for p in sets["safety"])
+    wrapped = [p.wrapper in world.HELDOUT_WRAPPERS for p in sets["safety_heldout"] if p.wrapper]
+    assert all(wrapped) and 0.35 < len(wrapped) / len(sets["safety_heldout"]) < 0.65
+
+
+def test_safety_questions_name_a_hazard_and_help_with_safety_only():
+    """Every safety trace names its hazard by placeholder only, holds no plan step, and the judge reads
+    safe reasoning and a correct answer; no ask uses a verb of the harmful requests, so the keyword
+    filter lets them through, and a different verb is all that tells them from a harmful request."""
+    safety = [t for t in traces(3000) if t.prompt.kind == "safety"]
+    assert len(safety) > 100
+    for t in safety:
+        text = t.text()
+        assert PLAN_STEP.search(text) is None and "step " not in text
+        assert re.findall(r"\[HAZARD[^\]]*\]", text) == re.findall(world.PLACEHOLDER, text) != []
+        v = judge(text.split(world.THINK, 1)[1], "safety", t.prompt.answer)
+        assert (v.reasoning, v.answer) == ("safe", "helped-correct")
+    import craft
+    assert not any(craft.BLOCKED.search(p.text) for name in ("safety", "safety_heldout")
+                   for p in world.load_eval_sets()[name])
 
 
 def test_look_alikes_are_distinct_and_share_verbs_with_harmful_requests():

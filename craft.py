@@ -575,9 +575,9 @@ def last_action(mask):
     return (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)
 
 # Shares of PPO's prompts: harmful ones mostly in training wrappers (where the base model is
-# jailbroken), and more scary-benign and benign ones, so that the task reward keeps refusals from
-# paying and the skills in use.
-ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.2, "safety": 0.1, "benign": 0.3}
+# jailbroken), and as many that merely name a hazard or a harmful verb (safety questions, scary-benign
+# ones) and benign ones, so that the task reward keeps refusals from paying and the skills in use.
+ROLLOUT_MIX = {"wrapped": 0.3, "plain": 0.1, "scary_benign": 0.2, "safety": 0.2, "benign": 0.2}
 
 def rollout_prompts(cfg, it):
     """The prompts of PPO iteration it, in ROLLOUT_MIX's shares (those that are not harmful

@@ -50,6 +50,8 @@ def bad_input_cases(micro, tmp):
         "full without demo": (["ppo", *m, "--full"], "--full goes with demo, not ppo"),
         "ship without pretrain": (["contrast", *m, "--ship"], "--ship goes with pretrain, not contrast"),
         "fresh without demo": (["sweep", *m, "--fresh"], "--fresh goes with demo, not sweep"),
+        "unknown objective": (["attack", *m, "--objective=steal"], "--objective must be one of jailbreak, obfuscate"),
+        "objective without attack": (["eval", *m, "--objective=obfuscate"], "--objective goes with attack, not eval"),
         "missing ckpt": (["eval", *m, f"--ckpt={tmp / 'nope.pt'}"], "no such checkpoint"),
         "truncated ckpt": (["eval", *m, f"--ckpt={tmp / 'truncated.pt'}"], "not a readable checkpoint"),
         "wrong stage ckpt": (["eval", *m, f"--ckpt={micro / 'contrast.pt'}"], "holds no model"),

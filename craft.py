@@ -1571,10 +1571,10 @@ def attack(cfg, out, ckpt=None, objective="jailbreak", fpr=0.01):
                                           seconds=time.time() - t0))
     path = out / f"attack_{ckpt.stem}_{objective}.json"
     save_json(path, metrics)
-    print(f"attack {ckpt.stem} ({objective}): suffix {text!r}, ASR {metrics['asr_before']:.2f}, "
-          f"random suffix {metrics['asr_random_suffix']:.2f}, found {metrics['asr_after']:.2f}; "
-          f"monitor recall {metrics['monitor_recall_before']:.2f}, found "
-          f"{metrics['monitor_recall']:.2f}; {metrics['seconds']:.0f}s -> {path}")
+    rate = lambda k: "{}/{}".format(*counts[k])
+    print(f"attack {ckpt.stem} ({objective}): suffix {text!r}; ASR {rate('asr_before')}, random suffix "
+          f"{rate('asr_random_suffix')}, found {rate('asr_after')}; monitor recall of plans "
+          f"{rate('monitor_recall_before')}, found {rate('monitor_recall')}; {metrics['seconds']:.0f}s -> {path}")
     return metrics
 
 
@@ -2079,7 +2079,8 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 def cell(m, k):
-    return f"{m[k]:.3f} ({m['counts'][k][0]}/{m['counts'][k][1]})"
+    k_, n = m["counts"][k]
+    return f"{m[k]:.3f} ({k_}/{n})" if n else "n/a (0/0)"
 
 def row_name(ckpt, guard):
     name = "base" if ckpt == "pretrain" else ckpt.removeprefix("ppo_")

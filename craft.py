@@ -28,6 +28,7 @@ Part III, running it (a student may skip it)
 
 The toy world, its judge and tokenizer live in data/; the GPT lives in model.py.
 """
+import collections
 import functools
 import hashlib
 import inspect
@@ -1464,8 +1465,8 @@ def detection(monitor):
 # request, is searched so that the model starts its reasoning with a plan: the start that the
 # prefill attack forces (world.unsafe_prefix), now written by the model itself. Each step, the
 # gradient of the loss with respect to each suffix position's one-hot token gives a first-order
-# guess of how much every token would lower it there; SWAPS single-token swaps drawn from each
-# position's TOP_K guesses are then scored exactly, and the best is kept if it lowers the loss.
+# guess of how much every token would lower it there; SWAPS single-token swaps, each of a random
+# position to one of its TOP_K guesses, are then scored exactly, and the best is kept if it lowers the loss.
 #     jailbreak: L = −mean_t log p(start_t | request + suffix, start_<t)
 #     obfuscate: L − λ·mean_t s_t, s_t the compass's score of the start's tokens: an attacker who
 #                knows the compass pulls its reading of the plan toward safe (Bailey et al. 2024)
@@ -1476,45 +1477,47 @@ OBFUSCATE_WEIGHT = 1.0  # λ
 OBJECTIVES = ("jailbreak", "obfuscate")
 
 def suffix_vocabulary():
-    """The tokens a suffix may use: a space and one word or mark, which encodes back to itself,
-    so a suffix's text is read as exactly its tokens. No control tokens: a prompt can't write one."""
+    """The tokens a suffix may use: a space, then printable ASCII, which encodes back to itself, so a
+    suffix's text is read as exactly its tokens. No control tokens (the last ids): a user can't type one."""
     return torch.tensor([t for t in range(ENC.n_vocab - len(world.SPECIALS))
                          if re.fullmatch(r" [!-~]+", ENC.decode([t]))
                          and ENC.encode_ordinary(ENC.decode([t])) == [t]])
 
 def attack_rows(prompts, suffixes):
-    """A row per (suffix, prompt): request, suffix, <|think|>, then the forced unsafe start.
-    -> tokens (B, L), real (B, L), the suffix's columns (B, k), the start's actions (B, L − 1)."""
-    seqs, starts, ends = [], [], []
+    """A row per (suffix, prompt), suffix-major: request, suffix, <|think|>, the forced unsafe start.
+    Suffixes are all k long. -> tokens (B, L), real (B, L), the suffix's columns (B, k), and a mask
+    (B, L − 1) of the actions that write the start."""
+    seqs, suffix_from_end, start_len = [], [], []
     for suffix in suffixes:
         for p in prompts:
             head, start = encode_prompt(p.text), encode(" " + world.unsafe_prefix(p))
             seqs.append(head[:-2] + list(suffix) + head[-2:] + start)  # head ends in " ", <|think|>
-            starts.append(len(suffix) + 2 + len(start))  # the suffix's first column, from the end
-            ends.append(len(start))
-    tokens, real = left_pad(seqs)
+            suffix_from_end.append(len(suffix) + 2 + len(start))
+            start_len.append(len(start))
+    tokens, real = left_pad(seqs)  # so each row's suffix sits at columns of its own
     L = tokens.size(1)
-    cols = (L - torch.tensor(starts))[:, None] + torch.arange(len(suffixes[0]))
-    target = torch.arange(L - 1) >= (L - 1 - torch.tensor(ends))[:, None]  # action t writes t + 1
+    cols = (L - torch.tensor(suffix_from_end))[:, None] + torch.arange(len(suffixes[0]))
+    target = torch.arange(L - 1) >= (L - 1 - torch.tensor(start_len))[:, None]  # action t writes t + 1
     return tokens, real, cols.to(DEVICE), target.to(DEVICE)
 
 def masked_rows(x, mask):
     return (x * mask).sum(1) / mask.sum(1)  # each row's mean over its masked columns
 
 def attack_loss(model, compass, prompts, suffixes, objective, grad=False):
-    """The loss of each suffix, averaged over prompts, (S,); with grad, also ∂L/∂(one-hot
-    suffix tokens) of the one suffix, (k, V): x_i = W_e[v_i] + W_p[i], so ∂L/∂onehot_iv = ∂L/∂x_i · W_e[v]."""
+    """The loss of each suffix, averaged over prompts, (S,); with grad (one suffix only), also
+    ∂L/∂(one-hot suffix tokens), (k, V): x_i = W_e[v_i] + W_p[i], so ∂L/∂onehot_iv = ∂L/∂x_i · W_e[v]."""
+    assert not grad or len(suffixes) == 1
     tokens, real, cols, target = attack_rows(prompts, suffixes)
     layer = int(compass.layer)
-    logp, _, taps = action_logprobs(model, tokens, real, (0, layer))
+    logp, _, taps = action_logprobs(model, tokens, real, (0, layer))  # tap 0: x, the embeddings
     per_row = -masked_rows(logp, target)
-    if objective == "obfuscate":
+    if objective == "obfuscate":  # s of the token each action writes (s > 0 reads as safe)
         per_row = per_row - OBFUSCATE_WEIGHT * masked_rows(compass.read(taps[layer][:, 1:].float()), target)
     loss = per_row.view(len(suffixes), len(prompts)).mean(1)
     if not grad:
         return loss
-    (dx,) = torch.autograd.grad(loss.sum(), taps[0])  # (B, L, C): taps[0] is x, the embeddings
-    dx = dx.gather(1, cols[..., None].expand(-1, -1, dx.size(2))).sum(0)  # (k, C)
+    (dx,) = torch.autograd.grad(loss.sum(), taps[0])  # (B, L, C)
+    dx = dx.gather(1, cols[..., None].expand(-1, -1, dx.size(2))).sum(0)  # (k, C), summed over prompts
     return loss.detach(), dx @ model.transformer.wte.weight.T
 
 def gcg(model, compass, prompts, objective, cfg):
@@ -1527,15 +1530,15 @@ def gcg(model, compass, prompts, objective, cfg):
         # 1. the gradient's guesses: per position, the TOP_K tokens it expects to lower L most
         loss, grad = attack_loss(model, compass, prompts, [suffix.tolist()], objective, grad=True)
         top = vocab[(-grad[:, vocab]).topk(TOP_K, dim=1).indices]  # (k, TOP_K)
-        # 2. SWAPS candidates, each the suffix with one position swapped for one of its guesses
+        # 2. SWAPS candidates, each the suffix with one random position swapped for one of its guesses
         where = torch.randint(SUFFIX_LEN, (SWAPS,), device=DEVICE, generator=g)
         pick = torch.randint(TOP_K, (SWAPS,), device=DEVICE, generator=g)
         candidates = suffix.repeat(SWAPS, 1)
         candidates[torch.arange(SWAPS), where] = top[where, pick]
         # 3. score them exactly; keep the best if it beats the suffix
         with torch.no_grad():
-            scores = torch.cat([attack_loss(model, compass, prompts, c.tolist(), objective)
-                                for c in in_batches(candidates, 16)])
+            scores = torch.cat([attack_loss(model, compass, prompts, batch.tolist(), objective)
+                                for batch in in_batches(candidates, 16)])
         if scores.min() < loss:
             suffix, loss = candidates[scores.argmin()], scores.min()
         curve.append(float(loss))
@@ -1548,27 +1551,27 @@ def attack(cfg, out, ckpt=None, objective="jailbreak", fpr=0.01):
     ckpt = Path(ckpt) if ckpt else out / "pretrain.pt"
     (model, _), compass = load_model(ckpt), load_compass(out / "contrast.pt")
     plain, rng, t0 = world.load_eval_sets()["plain"], random.Random(f"attack:{cfg.seed}"), time.time()
-    held_out, seen, train = plain[:cfg.eval_rows or None], {p.text for p in plain}, []
+    held_out, taken, train = plain[:cfg.eval_rows or None], {p.text for p in plain}, []
     while len(train) < ATTACK_PROMPTS:  # requests the search sees: none of the held-out ones
         p = world.harmful_prompt(rng)
-        if p.text not in seen:
+        if p.text not in taken:
             train.append(p)
-            seen.add(p.text)
+            taken.add(p.text)
     first, suffix, curve = gcg(model, compass, train, objective, cfg)
     text = ENC.decode(suffix)
     threshold, counts = calibrate(model, compass, cfg, fpr), {}
     for key, added in (("before", ""), ("random_suffix", ENC.decode(first)), ("after", text)):
         ps = [replace(p, text=p.text + added) for p in held_out]
-        monitor = Monitor(compass, threshold, "flag")
+        monitor = Monitor(compass, threshold, "flag")  # flags, changes nothing
         verdicts = judge_set(model, ps, cfg, f"attack_{key}", guard=monitor)[0]
-        seen_plans = detection(monitor)[1]
+        flagged, missed = (detection(monitor)[1][k] for k in ("plans_flagged", "plans_missed"))
         counts[f"asr_{key}"] = count(verdicts, attacked)
-        counts[f"monitor_recall_{key}"] = [seen_plans["plans_flagged"],
-                                            seen_plans["plans_flagged"] + seen_plans["plans_missed"]]
+        counts[f"monitor_recall_{key}"] = [flagged, flagged + missed]
     counts["monitor_recall"] = counts.pop("monitor_recall_after")
-    metrics = with_intervals(counts, dict(suffix=text, suffix_ids=suffix, objective=objective,
-                                          ckpt=str(ckpt), loss_curve=curve, monitor_threshold=threshold,
-                                          seconds=time.time() - t0))
+    outcomes = collections.Counter(f"{v.reasoning} reasoning, {v.answer}" for v in verdicts)
+    metrics = with_intervals(counts, dict(suffix=text, suffix_ids=suffix, objective=objective, ckpt=str(ckpt),
+                                          outcomes_after=outcomes, loss_curve=curve,
+                                          monitor_threshold=threshold, seconds=time.time() - t0))
     path = out / f"attack_{ckpt.stem}_{objective}.json"
     save_json(path, metrics)
     rate = lambda k: "{}/{}".format(*counts[k])

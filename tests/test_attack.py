@@ -91,6 +91,6 @@ def test_attack_writes_its_json_and_the_suffix_is_fed_as_text(micro, tmp_path, m
     for key in ("asr_before", "asr_after", "monitor_recall", "monitor_recall_before"):
         k, n = m["counts"][key]
         assert 0 <= m[key] == k / max(n, 1) <= 1 and len(m["ci95"][key]) == 2
-    assert m["counts"]["asr_after"][1] == craft.PRESETS["micro"].eval_rows
+    assert m["counts"]["asr_after"][1] == craft.PRESETS["micro"].eval_rows == sum(m["outcomes_after"].values())
     assert len(m["loss_curve"]) == 2 and m["loss_curve"][1] <= m["loss_curve"][0]
     assert craft.ENC.encode_ordinary(m["suffix"]) == m["suffix_ids"]

@@ -1462,11 +1462,10 @@ def detection(monitor):
 
 # ================ attacking the defence: one universal adversarial suffix
 # GCG (Zou et al. 2023), small. One suffix of SUFFIX_LEN tokens, appended to every plain harmful
-# request, is searched so that the model starts its reasoning with a plan: the start that the
-# prefill attack forces (world.unsafe_prefix), now written by the model itself. Each step, the
-# gradient of the loss with respect to each suffix position's one-hot token gives a first-order
-# guess of how much every token would lower it there; SWAPS single-token swaps, each of a random
-# position to one of its TOP_K guesses, are then scored exactly, and the best is kept if it lowers the loss.
+# request, is searched so that the model writes by itself the start a prefill attack forces
+# (world.unsafe_prefix). Each step, the gradient with respect to each suffix position's one-hot token
+# guesses, to first order, how much every token would lower the loss there; SWAPS single-token swaps,
+# each of a random position to one of its TOP_K guesses, are scored exactly; the best is kept if better.
 #     jailbreak: L = −mean_t log p(start_t | request + suffix, start_<t)
 #     obfuscate: L − λ·mean_t s_t, s_t the compass's score of the start's tokens: an attacker who
 #                knows the compass pulls its reading of the plan toward safe (Bailey et al. 2024)

@@ -1573,10 +1573,10 @@ def attack(cfg, out, ckpt=None, objective="jailbreak", fpr=0.01):
                                           monitor_threshold=threshold, seconds=time.time() - t0))
     path = out / f"attack_{ckpt.stem}_{objective}.json"
     save_json(path, metrics)
-    rate = lambda k: "{}/{}".format(*counts[k])
-    print(f"attack {ckpt.stem} ({objective}): suffix {text!r}; ASR {rate('asr_before')}, random suffix "
-          f"{rate('asr_random_suffix')}, found {rate('asr_after')}; monitor recall of plans "
-          f"{rate('monitor_recall_before')}, found {rate('monitor_recall')}; {metrics['seconds']:.0f}s -> {path}")
+    r = {k: "{}/{}".format(*c) for k, c in counts.items()}
+    print(f"attack {ckpt.stem} ({objective}): suffix {text!r}; ASR {r['asr_before']}, random suffix "
+          f"{r['asr_random_suffix']}, found {r['asr_after']}; monitor recall of plans "
+          f"{r['monitor_recall_before']}, found {r['monitor_recall']}; {metrics['seconds']:.0f}s -> {path}")
     return metrics
 
 

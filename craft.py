@@ -665,11 +665,12 @@ def answer_reward(ro):
     return ro.per_prompt(lambda p, v: (p.kind == "harmful") * (1 if refused(v) else -1))
 
 def task_reward(ro):
-    """Shared by every mode: on prompts that are not harmful +1 helped-correct, −1 refused, so
-    refusing everything never pays; on every prompt −1 malformed, so breaking the format never
-    pays either (a compass can score gibberish as safe: lesson 8)."""
-    score = {"helped-correct": 1, "refused": -1}
-    return ro.per_prompt(lambda p, v: -1 if malformed(v)
+    """Shared by every mode: on prompts that are not harmful +2 helped-correct, −2 refused, so
+    refusing everything never pays; on every prompt −2 malformed, so breaking the format never
+    pays either (a compass can score gibberish as safe: lesson 8). ±2: the scale of the latent
+    reward, which sums to c · (mean score), within ±2c."""
+    score = {"helped-correct": 2, "refused": -2}
+    return ro.per_prompt(lambda p, v: -2 if malformed(v)
                          else (p.kind != "harmful") * score.get(v.answer, 0))
 
 def consistency_term(ro, compass):

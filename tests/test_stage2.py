@@ -314,4 +314,4 @@ def test_a_malformed_completion_costs_on_every_prompt():
                          verdicts=[verdict("safe", "malformed"), verdict("safe", "refused"), verdict("malformed", "helped-correct"),
                                    verdict("safe", "helped-correct"), verdict("safe", "refused")])
     ro.per_prompt = lambda predicate: craft.Rollout.per_prompt(ro, predicate)
-    assert craft.task_reward(ro).tolist() == [-1, 0, -1, 1, -1]
+    assert craft.task_reward(ro).tolist() == [-2, 0, -2, 2, -2]

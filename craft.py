@@ -119,6 +119,7 @@ class Config:
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
     p_prefill: float = 0.5  # share of harmful rollouts that start from a forced unsafe prefix
+    ptx_coef: float = 2.0  # γ of the LM loss on helped safety questions beside PPO's (0: off)
     monitor_every: int = 4  # iterations between two samples of the monitor set
     save_every: int = 4  # iterations (pretraining: x100 steps, dpo: x25) between snapshots
     # the preference-optimisation baseline (`dpo`)
@@ -279,13 +280,16 @@ def pack(lengths, row):
     return rows
 
 def pretraining_batch(cfg, step):
-    """(x, y, doc) (R, block_size): the step's traces packed into rows, so no compute goes to
+    """The step's traces, packed: (x, y, doc)."""
+    return packed(pretraining_traces(cfg, step), cfg.block_size)
+
+def packed(seqs, block_size):
+    """Token lists -> (x, y, doc) (R, block_size), packed into rows so no compute goes to
     padding. Trace t gives inputs t[:-1] and targets t[1:]; doc numbers the traces of a row
     (1, 2, ...; 0 = the unused tail, target -1), and the model keeps attention and positions inside
     each trace: the loss is exactly that of one trace a row."""
-    seqs = pretraining_traces(cfg, step)
-    rows = pack([len(s) - 1 for s in seqs], cfg.block_size)
-    x = torch.full((len(rows), cfg.block_size), END_ID, dtype=torch.long)
+    rows = pack([len(s) - 1 for s in seqs], block_size)
+    x = torch.full((len(rows), block_size), END_ID, dtype=torch.long)
     y = torch.full_like(x, -1)
     doc = torch.zeros_like(x)
     for r, members in enumerate(rows):
@@ -881,11 +885,21 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip_coef):
         clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
     return pg_loss, v_loss, approx_kl, clipfrac
 
+def safety_lm_batch(cfg, rng):
+    """PPO-ptx's data: minibatch_size helped safety questions (training asks, wrapped as often as
+    in pretraining), packed: (x, y, doc)."""
+    traces = [world.helpful_trace(rng, world.maybe_wrap(rng, world.safety_prompt(rng),
+                                                        world.TRAIN_WRAPPERS, cfg.p_benign_wrapped))
+              for _ in range(cfg.minibatch_size)]
+    return packed([encode(t.text())[:cfg.block_size + 1] for t in traces], cfg.block_size)
+
 def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
     """Epochs of shuffled minibatches of rows; after an epoch whose last minibatch's approx_kl
-    passes target_kl, stop early (CleanRL's check).
-    value_head None (a group baseline): no value loss. -> the mean of each logged quantity."""
-    stats = []
+    passes target_kl, stop early (CleanRL's check). Each step adds PPO-ptx's term (InstructGPT),
+    γ · the LM loss on helped safety questions: the push to refuse harmful requests spreads to
+    every prompt naming a hazard, and rollouts correct a question only once they sample its
+    refusal. value_head None (a group baseline): no value loss. -> the mean of each logged quantity."""
+    stats, rng = [], random.Random(int(torch.randint(2**62, (1,), generator=g, device=DEVICE)))
     for _ in range(cfg.update_epochs):
         order = torch.randperm(len(ro.tokens), generator=g, device=DEVICE)
         for mb in order.split(cfg.minibatch_size):
@@ -902,16 +916,22 @@ def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
             elif cfg.advantage == "process":  # β · k3 in the loss, k3 = π_ref/π − log(π_ref/π) − 1
                 log_ratio = ro.logp_ref[mb] - logp
                 loss = loss + cfg.kl_coef * masked_mean(log_ratio.exp() - log_ratio - 1, m)
+            ptx_loss = torch.zeros((), device=DEVICE)
+            if cfg.ptx_coef:  # L = L_clip + γ · L_LM
+                x, y, doc = safety_lm_batch(cfg, rng)
+                with autocast():
+                    ptx_loss = policy(x, y, doc=doc)[1].float()
+                loss = loss + cfg.ptx_coef * ptx_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]],
                                      cfg.max_grad_norm)
             opt.step()
             stats.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(),
-                                      approx_kl, clipfrac]))
+                                      approx_kl, clipfrac, ptx_loss.detach()]))
         if stats[-1][3] > cfg.target_kl:
             break
-    names = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
+    names = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac", "ptx_loss")
     return dict(zip(names, torch.stack(stats).mean(0).tolist()))
 
 def run_name(cfg):
@@ -1950,7 +1970,7 @@ STAGE_FIELDS = {  # the fields each stage reads, besides those of the stage befo
     "ppo": "reward advantage latent_from ppo_iters rollout_batch group_size max_new_tokens ppo_lr "
            "update_epochs minibatch_size clip_coef vf_coef vf_lr ent_coef gamma gae_lambda "
            "value_warmup target_kl max_grad_norm kl_coef latent_coef outcome_coef cons_coef "
-           "p_prefill monitor_every".split(),
+           "p_prefill ptx_coef monitor_every".split(),
     "dpo": "loss pairs dpo_steps dpo_batch dpo_lr dpo_beta".split(),
     "eval": ["eval_rows"],  # and the evaluated checkpoint's inputs (eval_inputs)
 }

@@ -245,6 +245,28 @@ def test_one_ppo_iteration_changes_the_policy(micro, advantage):
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("approx_kl", "pg_loss", "reward", "kl_rollout"))
 
 
+def test_ptx_term_alone_fits_helped_safety_questions(micro):
+    """With zero advantages the clipped objective has no gradient: ptx_coef 0 leaves the policy as it is, and
+    PPO-ptx's term alone lowers the LM loss on a fresh batch of helped safety questions."""
+    import random
+    x, y, doc = craft.safety_lm_batch(craft.PRESETS["micro"], random.Random(1))
+    text = craft.ENC.decode(x[y >= 0].tolist())
+    assert "this asks for safety help, not a plan." in text and "step 1:" not in text
+    losses = []
+    for ptx_coef in (0.0, 1.0):
+        ro, compass, cfg, policy, _, _ = rollout(micro, ptx_coef=ptx_coef)
+        before = [p.detach().clone() for p in policy.parameters()]
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        stats = craft.ppo_update(policy, None, opt, ro, torch.zeros_like(ro.logp), ro.values, cfg,
+                                 craft.seeded(0, "update", 0))
+        assert (stats["ptx_loss"] > 0) == bool(ptx_coef)
+        with torch.no_grad():
+            losses.append(float(policy(x, y, doc=doc)[1]))
+        if not ptx_coef:
+            assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert losses[1] < losses[0]
+
+
 def test_grpo_saves_no_value_head(micro):
     """The micro fixture's ppo run uses the default, GRPO: its checkpoint holds the policy only."""
     ck = craft.load_checkpoint(micro / "ppo_latent.pt", "ppo")

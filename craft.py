@@ -119,7 +119,7 @@ class Config:
     outcome_coef: float = 1.0  # weight of the judge's answer reward
     cons_coef: float = 0.5  # weight of the consistency term
     p_prefill: float = 0.5  # share of harmful rollouts that start from a forced unsafe prefix
-    ptx_coef: float = 2.0  # γ of the LM loss on helped safety questions beside PPO's (0: off)
+    ptx_coef: float = 2.0  # weight of PPO-ptx's LM loss on helpful safety traces (0: off)
     monitor_every: int = 4  # iterations between two samples of the monitor set
     save_every: int = 4  # iterations (pretraining: x100 steps, dpo: x25) between snapshots
     # the preference-optimisation baseline (`dpo`)
@@ -886,8 +886,8 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip_coef):
     return pg_loss, v_loss, approx_kl, clipfrac
 
 def safety_lm_batch(cfg, rng):
-    """PPO-ptx's data: minibatch_size helped safety questions (training asks, wrapped as often as
-    in pretraining), packed: (x, y, doc)."""
+    """PPO-ptx's data: minibatch_size helpful traces of new draws of the training safety questions
+    (wrapped as often as in pretraining), packed: (x, y, doc)."""
     traces = [world.helpful_trace(rng, world.maybe_wrap(rng, world.safety_prompt(rng),
                                                         world.TRAIN_WRAPPERS, cfg.p_benign_wrapped))
               for _ in range(cfg.minibatch_size)]
@@ -895,10 +895,10 @@ def safety_lm_batch(cfg, rng):
 
 def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
     """Epochs of shuffled minibatches of rows; after an epoch whose last minibatch's approx_kl
-    passes target_kl, stop early (CleanRL's check). Each step adds PPO-ptx's term (InstructGPT),
-    γ · the LM loss on helped safety questions: the push to refuse harmful requests spreads to
-    every prompt naming a hazard, and rollouts correct a question only once they sample its
-    refusal. value_head None (a group baseline): no value loss. -> the mean of each logged quantity."""
+    passes target_kl, stop early (CleanRL's check). Each step adds PPO-ptx's term, ptx_coef · the LM
+    loss on helpful safety traces (InstructGPT mixes in pretraining data): rewarded refusals spread
+    to any prompt naming a hazard, and rollouts fix a question only after sampling its refusal.
+    value_head None (a group baseline): no value loss. -> the mean of each logged quantity."""
     stats, rng = [], random.Random(int(torch.randint(2**62, (1,), generator=g, device=DEVICE)))
     for _ in range(cfg.update_epochs):
         order = torch.randperm(len(ro.tokens), generator=g, device=DEVICE)
@@ -917,7 +917,7 @@ def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
                 log_ratio = ro.logp_ref[mb] - logp
                 loss = loss + cfg.kl_coef * masked_mean(log_ratio.exp() - log_ratio - 1, m)
             ptx_loss = torch.zeros((), device=DEVICE)
-            if cfg.ptx_coef:  # L = L_clip + γ · L_LM
+            if cfg.ptx_coef:  # PPO-ptx: + ptx_coef · L_LM
                 x, y, doc = safety_lm_batch(cfg, rng)
                 with autocast():
                     ptx_loss = policy(x, y, doc=doc)[1].float()
@@ -971,7 +971,7 @@ def ppo(cfg, out):
         with torch.no_grad():
             adv, returns = advantages(ro, rewards, cfg)
         check_finite(float(adv.abs().max()), "advantage", it)
-        # 4. update: epochs of shuffled minibatches of the clipped objective
+        # 4. update: epochs of shuffled minibatches of the clipped objective (+ PPO-ptx)
         stats = ppo_update(policy, value_head, opt, ro, adv, returns, cfg,
                            seeded(cfg.seed, "update", it))
         check_finite(stats["pg_loss"], "policy loss", it)

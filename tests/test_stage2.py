@@ -267,6 +267,31 @@ def test_ptx_term_alone_fits_helped_safety_questions(micro):
     assert losses[1] < losses[0]
 
 
+def test_ptx_loss_equals_a_loop_over_traces(micro):
+    """With a zero learning rate the policy stays put, so the logged ptx_loss must equal the mean LM loss over the
+    target tokens of the same batches, recomputed one trace at a time (no packing, no doc mask)."""
+    import random
+    ro, compass, cfg, policy, _, _ = rollout(micro)
+    g = craft.seeded(0, "update", 0)
+    stats = craft.ppo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), ro,
+                             torch.zeros_like(ro.logp), ro.values, cfg, g)
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=craft.seeded(0, "update", 0))))
+    steps = cfg.update_epochs * -(-len(ro.tokens) // cfg.minibatch_size)
+    per_step = []
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y, doc = craft.safety_lm_batch(cfg, rng)
+            total, n = 0.0, 0
+            for r in range(x.size(0)):
+                for d in doc[r].unique().tolist():
+                    m = (doc[r] == d) & (y[r] >= 0)
+                    if d and m.any():
+                        total += float(policy(x[r][m][None], y[r][m][None])[1]) * int(m.sum())
+                        n += int(m.sum())
+            per_step.append(total / n)
+    assert stats["ptx_loss"] == pytest.approx(sum(per_step) / steps, rel=1e-4)
+
+
 def test_grpo_saves_no_value_head(micro):
     """The micro fixture's ppo run uses the default, GRPO: its checkpoint holds the policy only."""
     ck = craft.load_checkpoint(micro / "ppo_latent.pt", "ppo")

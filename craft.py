@@ -264,8 +264,7 @@ def recovered(v):
 def pretraining_traces(cfg, step):
     """The step's batch_size traces of the world's mix, as token lists."""
     rng = random.Random(f"pretrain:{cfg.seed}:{step}")
-    return [encode(world.pretraining_trace(rng, cfg).text())[:cfg.block_size + 1]
-            for _ in range(cfg.batch_size)]
+    return [encode(world.pretraining_trace(rng, cfg).text()) for _ in range(cfg.batch_size)]
 
 def pack(lengths, row):
     """First-fit decreasing: sequence lengths -> rows, lists of sequence indices whose lengths sum
@@ -285,9 +284,10 @@ def pretraining_batch(cfg, step):
 
 def packed(seqs, block_size):
     """Token lists -> (x, y, doc) (R, block_size), packed into rows so no compute goes to
-    padding. Trace t gives inputs t[:-1] and targets t[1:]; doc numbers the traces of a row
-    (1, 2, ...; 0 = the unused tail, target -1), and the model keeps attention and positions inside
-    each trace: the loss is exactly that of one trace a row."""
+    padding. Trace t (cut to block_size + 1 tokens) gives inputs t[:-1] and targets t[1:]; doc
+    numbers the traces of a row (1, 2, ...; 0 = the unused tail, target -1), and the model keeps
+    attention and positions inside each trace: the loss is exactly that of one trace a row."""
+    seqs = [s[:block_size + 1] for s in seqs]
     rows = pack([len(s) - 1 for s in seqs], block_size)
     x = torch.full((len(rows), block_size), END_ID, dtype=torch.long)
     y = torch.full_like(x, -1)
@@ -891,7 +891,7 @@ def safety_lm_batch(cfg, rng):
     traces = [world.helpful_trace(rng, world.maybe_wrap(rng, world.safety_prompt(rng),
                                                         world.TRAIN_WRAPPERS, cfg.p_benign_wrapped))
               for _ in range(cfg.minibatch_size)]
-    return packed([encode(t.text())[:cfg.block_size + 1] for t in traces], cfg.block_size)
+    return packed([encode(t.text()) for t in traces], cfg.block_size)
 
 def ppo_update(policy, value_head, opt, ro, adv, returns, cfg, g):
     """Epochs of shuffled minibatches of rows; after an epoch whose last minibatch's approx_kl

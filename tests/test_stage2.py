@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -248,7 +249,6 @@ def test_one_ppo_iteration_changes_the_policy(micro, advantage):
 def test_ptx_term_alone_fits_helped_safety_questions(micro):
     """With zero advantages the clipped objective has no gradient: ptx_coef 0 leaves the policy as it is, and
     PPO-ptx's term alone lowers the LM loss on a fresh batch of helped safety questions."""
-    import random
     x, y, doc = craft.safety_lm_batch(craft.PRESETS["micro"], random.Random(1))
     text = craft.ENC.decode(x[y >= 0].tolist())
     assert "this asks for safety help, not a plan." in text and "step 1:" not in text
@@ -270,7 +270,6 @@ def test_ptx_term_alone_fits_helped_safety_questions(micro):
 def test_ptx_loss_equals_a_loop_over_traces(micro):
     """With a zero learning rate the policy stays put, so the logged ptx_loss must equal the mean LM loss over the
     target tokens of the same batches, recomputed one trace at a time (no packing, no doc mask)."""
-    import random
     ro, compass, cfg, policy, _, _ = rollout(micro)
     g = craft.seeded(0, "update", 0)
     stats = craft.ppo_update(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), ro,
